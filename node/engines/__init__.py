@@ -1,0 +1,1 @@
+"""Engines: one module per engine family behind the protocols of base.py."""

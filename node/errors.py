@@ -1,0 +1,152 @@
+"""One closed error hierarchy and one renderer.
+
+Every non-2xx body the node sends is OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}`` with a string ``code``. After SSE headers
+went out, the same body travels as a ``data:`` event followed by ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+
+from starlette.responses import JSONResponse
+
+
+class NodeError(Exception):
+    """Base of every error a client may see. Subclasses fix status, type and code."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+        should_retry: bool | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.retry_after_s = retry_after_s
+        self.should_retry = should_retry
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        """Retry hints openai-python reads: retry-after-ms, Retry-After, x-should-retry."""
+        out: dict[str, str] = {}
+        if self.retry_after_s is not None:
+            seconds = max(1, math.ceil(self.retry_after_s))
+            out["Retry-After"] = str(seconds)
+            out["retry-after-ms"] = str(max(1, math.ceil(self.retry_after_s * 1000)))
+        if self.should_retry is not None:
+            out["x-should-retry"] = "true" if self.should_retry else "false"
+        return out
+
+
+class InvalidRequest(NodeError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class WrongModelKind(InvalidRequest):
+    code = "model_not_supported"
+
+
+class Unauthorized(NodeError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(NodeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(NodeError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(NodeError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(NodeError):
+    status = 413
+    type = "invalid_request_error"
+    code = "file_too_large"
+
+
+class UnsupportedMediaType(NodeError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class RateLimited(NodeError):
+    """429: a model's slots are all busy (transient) or a key's quota is spent."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "model_busy"
+
+
+class InsufficientQuota(RateLimited):
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
+class Unavailable(NodeError):
+    """503: model loading, failed, restarting, node shutting down, store unreachable."""
+
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"
+
+
+class EngineError(NodeError):
+    status = 500
+    type = "server_error"
+    code = "engine_error"
+
+
+def error_response(err: NodeError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    merged = dict(err.headers())
+    if headers:
+        merged.update(headers)
+    return JSONResponse(err.body(), status_code=err.status, headers=merged)
+
+
+def sse_error_event(err: NodeError) -> str:
+    """The error as it travels inside a stream that already started, with the closing [DONE]."""
+    return f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n"
