@@ -27,7 +27,9 @@ class ModelSpec(BaseModel):
 
     name: str
     kind: ModelKind
-    path: str = Field(description="weights: a hub id (production) or a folder; {models_dir} expands")
+    path: str = Field(
+        description="weights: a hub id (production) or a folder; {models_dir} expands"
+    )
     aliases: list[str] = Field(default_factory=list)
     context_window: int | None = None
     default_max_tokens: int | None = None
@@ -42,7 +44,9 @@ class ModelSpec(BaseModel):
     def _chat_needs_window(self) -> ModelSpec:
         if self.kind is ModelKind.CHAT:
             if not self.context_window or not self.default_max_tokens:
-                raise ValueError(f"{self.name}: chat models need context_window and default_max_tokens")
+                raise ValueError(
+                    f"{self.name}: chat models need context_window and default_max_tokens"
+                )
             if self.default_max_tokens >= self.context_window:
                 raise ValueError(f"{self.name}: default_max_tokens must be below context_window")
         return self
@@ -89,6 +93,11 @@ def _default_cache_dir() -> Path:
     return Path(base) / "staik-node"
 
 
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "staik-node"
+
+
 class Settings(BaseModel):
     """Node settings. Built from the environment by :meth:`from_env`, or directly in tests."""
 
@@ -96,7 +105,7 @@ class Settings(BaseModel):
     port: int = 8000
     models_file: Path = Path("models.yaml")
     models_dir: Path = Field(default_factory=lambda: _default_cache_dir() / "models")
-    db_path: Path = Field(default_factory=lambda: _default_cache_dir() / "node.sqlite3")
+    db_path: Path = Field(default_factory=lambda: _default_data_dir() / "node.sqlite3")
     redis_url: str | None = None
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     drain_timeout_s: float = 30.0

@@ -76,10 +76,115 @@ def _minilm(out: Path) -> None:
     shutil.copytree(src, out, dirs_exist_ok=True)
 
 
+# The Idefics3 processor looks these up by name; SmolVLM's tokenizer carries them all.
+_IDEFICS3_TOKENS = [
+    "<fake_token_around_image>",
+    "<image>",
+    "<end_of_utterance>",
+    "<global-img>",
+    *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
+]
+
+# SmolLM2's chatml template, with an ``<image>`` placeholder for each image content part.
+_IDEFICS3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}{{ '<image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _idefics3_tiny(out: Path) -> None:
+    """A tiny Idefics3 (SmolVLM-shaped) vision-language model: SmolLM2 text, random 2-layer ViT.
+
+    No small vision-language model ships inside a package, and vLLM's LLaVA, Qwen2-VL and Gemma
+    vision code needs torchvision, which does not load beside the CPU torch here. Idefics3 needs
+    only PIL, so this stand-in exercises the image path end to end; its answers are nonsense.
+    64 px images, patch 16, scale factor 2: each image is 4 ``<image>`` embeddings (7 prompt
+    tokens with the ``<fake_token_around_image><global-img>`` wrapping).
+    """
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+    )
+
+    try:
+        from transformers import Idefics3ImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers: the slow processor is the PIL one
+        from transformers import Idefics3ImageProcessor as ImageProcessor
+
+    image_size, patch_size, scale_factor = 64, 16, 2
+    text_dir = _build(out.parent / "smollm2-135m-instruct", _smollm2)
+    torch.manual_seed(0)
+
+    tokenizer = AutoTokenizer.from_pretrained(text_dir)
+    tokenizer.add_tokens(_IDEFICS3_TOKENS, special_tokens=True)
+    tokenizer.chat_template = _IDEFICS3_CHAT_TEMPLATE
+    text_model = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32)
+    text_model.resize_token_embeddings(len(tokenizer))
+
+    text_config = text_model.config.to_dict()
+    text_config.pop("_name_or_path", None)  # a build-time path; keep the output reproducible
+    text_config["tie_word_embeddings"] = True
+    text_config["dtype"] = "bfloat16"  # saved as bfloat16 below
+    config = Idefics3Config(
+        text_config=text_config,
+        vision_config={
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        scale_factor=scale_factor,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=text_model.config.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = Idefics3ForConditionalGeneration(config)
+    model.model.text_model.load_state_dict(text_model.model.state_dict())
+    model.tie_weights()
+    model.generation_config = text_model.generation_config
+    # bfloat16 is what vLLM runs it in anyway; it halves the folder and spares vLLM's
+    # per-tensor float32 -> bfloat16 warnings on the vision tower.
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+
+    image_processor = ImageProcessor(
+        do_image_splitting=False,
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
+    )
+    image_seq_len = (image_size // patch_size) ** 2 // scale_factor**2
+    processor = Idefics3Processor(
+        image_processor,
+        tokenizer,
+        image_seq_len=image_seq_len,
+        chat_template=_IDEFICS3_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 STANDINS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m-instruct": _smollm2,
     "whisper-base-ct2": _whisper_base,
     "all-minilm-l6-v2": _minilm,
+    "idefics3-tiny-vision": _idefics3_tiny,
 }
 
 

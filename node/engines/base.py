@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,18 +17,25 @@ class EngineDead(Unavailable):
     code = "model_unavailable"
 
 
+PromptHook = Callable[[int, int], Awaitable[None]]
+"""Called once the prompt is rendered, before generation: (prompt_tokens, max_tokens)."""
+
+
 @dataclass
 class ChatResult:
-    """Either a whole response body or a stream of SSE strings (``data: ...\\n\\n``)."""
+    """Either a whole response body or a stream of SSE strings (``data: ...\\n\\n``).
+
+    ``usage`` is the OpenAI usage object; a stream keeps it current as chunks go out, so a
+    stream cut short still knows what it produced.
+    """
 
     body: dict[str, Any] | None = None
     stream: AsyncIterator[str] | None = None
+    usage: dict[str, int] = field(default_factory=dict)
 
-
-@dataclass
-class Embeddings:
-    vectors: np.ndarray
-    prompt_tokens: int
+    @property
+    def total_tokens(self) -> int:
+        return int(self.usage.get("total_tokens", 0))
 
 
 @dataclass
@@ -60,12 +67,14 @@ class Engine(Protocol):
 
 
 class ChatEngine(Engine, Protocol):
-    async def chat(self, body: dict[str, Any]) -> ChatResult: ...
+    async def chat(
+        self, body: dict[str, Any], on_prompt: PromptHook | None = None
+    ) -> ChatResult: ...
 
 
 class EmbeddingEngine(Engine, Protocol):
-    def count_tokens(self, texts: list[str]) -> int: ...
-    async def embed(self, texts: list[str]) -> Embeddings: ...
+    def count_tokens(self, texts: list[str]) -> list[int]: ...
+    async def embed(self, texts: list[str]) -> np.ndarray: ...
 
 
 class TranscriptionEngine(Engine, Protocol):

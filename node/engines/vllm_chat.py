@@ -11,22 +11,30 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Any
 
 from node.config import ModelSpec
-from node.engines.base import ChatResult, EngineDead
+from node.engines.base import ChatResult, EngineDead, PromptHook
 from node.errors import ContextLengthExceeded, EngineError, InvalidRequest, NodeError
 
 log = logging.getLogger(__name__)
+
+# The request's prompt hook, visible to the render step that vLLM runs inside our call.
+_prompt_hook: ContextVar[PromptHook | None] = ContextVar("prompt_hook", default=None)
 
 
 def engine_cli_args(spec: ModelSpec) -> list[str]:
     """vLLM serve flags for one model: the spec's fixed fields, then its ``engine:`` mapping."""
     args = [
-        "--model", spec.path,
-        "--served-model-name", *spec.public_names,
-        "--max-model-len", str(spec.context_window),
-        "--override-generation-config", json.dumps({"max_new_tokens": spec.default_max_tokens}),
+        "--model",
+        spec.path,
+        "--served-model-name",
+        *spec.public_names,
+        "--max-model-len",
+        str(spec.context_window),
+        "--override-generation-config",
+        json.dumps({"max_new_tokens": spec.default_max_tokens}),
         "--disable-log-stats",
     ]
     for key, value in spec.engine.items():
@@ -89,30 +97,35 @@ class VllmChatEngine:
         self._guard_context_window(self._chat)
 
     def _guard_context_window(self, serving: Any) -> None:
-        """Make prompt + max_tokens above the window a 400, where vLLM would silently clamp.
+        """Check each rendered prompt before generation: the window, then the request's hook.
 
         vLLM refuses a prompt longer than the window but shortens an oversized max_tokens; the
         API doc promises a 400 naming both numbers. The check runs on vLLM's own rendering, so
-        the prompt length is the one the engine will see (template and image tokens included).
+        the prompt length is the one the engine will see (template and image tokens included),
+        and the hook (quota reservation) learns the true prompt size before any token is made.
         """
         render = serving.render_chat_request
         window = self.spec.context_window
+        default = self.spec.default_max_tokens or window
 
         async def checked_render(request: Any) -> Any:
             result = await render(request)
-            if isinstance(result, tuple):
-                requested = request.max_completion_tokens or request.max_tokens
-                if requested is not None:
-                    for engine_input in result[1]:
-                        prompt = serving._extract_prompt_len(engine_input)
-                        if prompt + requested > window:
-                            raise ContextLengthExceeded(
-                                f"This model's context window is {window} tokens; the prompt "
-                                f"has {prompt} tokens and max_tokens asks for {requested} "
-                                f"({prompt} + {requested} = {prompt + requested} > {window}). "
-                                "Shorten the prompt or lower max_tokens.",
-                                param="max_tokens",
-                            )
+            if not isinstance(result, tuple):
+                return result
+            requested = request.max_completion_tokens or request.max_tokens
+            prompt = sum(serving._extract_prompt_len(i) for i in result[1])
+            if requested is not None and prompt + requested > window:
+                raise ContextLengthExceeded(
+                    f"This model's context window is {window} tokens; the prompt has {prompt} "
+                    f"tokens and max_tokens asks for {requested} ({prompt} + {requested} = "
+                    f"{prompt + requested} > {window}). Shorten the prompt or lower max_tokens.",
+                    param="max_tokens",
+                )
+            hook = _prompt_hook.get()
+            if hook is not None:
+                n = request.n or 1
+                budget = requested if requested is not None else min(default, window - prompt)
+                await hook(prompt, budget * n)
             return result
 
         serving.render_chat_request = checked_render
@@ -121,7 +134,7 @@ class VllmChatEngine:
     def dead(self) -> bool:
         return self._llm is not None and bool(getattr(self._llm, "errored", False))
 
-    async def chat(self, body: dict[str, Any]) -> ChatResult:
+    async def chat(self, body: dict[str, Any], on_prompt: PromptHook | None = None) -> ChatResult:
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -130,38 +143,106 @@ class VllmChatEngine:
             request = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise invalid_from_validation(exc) from None
+        wants_usage = UsageWish.of(request)
+        if request.stream:
+            # Usage in every chunk, so a stream cut short still knows what it produced; the
+            # node strips what the client did not ask for.
+            from vllm.entrypoints.openai.chat_completion.protocol import StreamOptions
+
+            request.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=True)
+        requested = request.max_completion_tokens or request.max_tokens
+        if requested is not None and requested >= self.spec.context_window:
+            raise ContextLengthExceeded(
+                f"max_tokens asks for {requested} tokens, but this model's context window is "
+                f"{self.spec.context_window} tokens, prompt included. Lower max_tokens.",
+                param="max_tokens",
+            )
+        token = _prompt_hook.set(on_prompt)
         try:
             result = await self._chat.create_chat_completion(request, None)
         except NodeError:
             raise
         except Exception as exc:
-            if self.dead:
-                raise EngineDead(f"the engine of {self.spec.name} stopped") from exc
-            raise
+            raise self._translate(exc) from exc
+        finally:
+            _prompt_hook.reset(token)
         if isinstance(result, ErrorResponse):
             raise error_from_vllm(result)
         if hasattr(result, "model_dump"):
-            return ChatResult(body=result.model_dump(exclude_none=True))
-        return ChatResult(stream=self._guard_stream(result))
+            body_out = result.model_dump(exclude_none=True)
+            return ChatResult(body=body_out, usage=dict(body_out.get("usage") or {}))
+        out = ChatResult()
+        out.stream = self._guard_stream(result, out, wants_usage)
+        return out
 
-    async def _guard_stream(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        """vLLM's SSE strings, passed through; an engine death mid-stream surfaces as EngineDead."""
+    async def _guard_stream(
+        self, chunks: AsyncIterator[str], out: ChatResult, wants: UsageWish
+    ) -> AsyncIterator[str]:
+        """vLLM's SSE strings, with usage tracked into ``out`` and shown as the client asked.
+
+        An engine death mid-stream surfaces as EngineDead.
+        """
         try:
             async for chunk in chunks:
-                yield chunk
+                shown = track_usage(chunk, out.usage, wants)
+                if shown:
+                    yield shown
         except NodeError:
             raise
         except Exception as exc:
-            if self.dead:
-                raise EngineDead(f"the engine of {self.spec.name} stopped") from exc
-            raise EngineError(f"generation failed: {type(exc).__name__}") from exc
+            raise self._translate(exc) from exc
         finally:
             await _aclose(chunks)
+
+    def _translate(self, exc: Exception) -> NodeError:
+        """vLLM's own classification of an exception (client 4xx or server 5xx), as NodeError."""
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+        if self.dead:
+            return EngineDead(f"The engine of {self.spec.name} stopped; it is being restarted.")
+        err = create_error_response(exc)
+        if int(err.error.code) < 500 or int(err.error.code) == 501:
+            return error_from_vllm(err)
+        log.error("engine %s failed: %r", self.spec.name, exc)
+        return EngineError("Generation failed inside the engine.")
 
     async def stop(self) -> None:
         if self._llm is not None:
             llm, self._llm = self._llm, None
             await asyncio.to_thread(llm.shutdown)
+
+
+class UsageWish:
+    """What the client asked to see of usage in a stream."""
+
+    __slots__ = ("final", "continuous")
+
+    def __init__(self, final: bool, continuous: bool) -> None:
+        self.final, self.continuous = final, continuous
+
+    @classmethod
+    def of(cls, request: Any) -> UsageWish:
+        opts = request.stream_options
+        final = bool(opts and opts.include_usage)
+        return cls(final, final and bool(opts.continuous_usage_stats))
+
+
+def track_usage(chunk: str, usage: dict[str, int], wants: UsageWish) -> str | None:
+    """Record the chunk's usage into ``usage``; return the chunk as the client should see it
+    (None to drop it). Chunks without usage pass through untouched."""
+    if not chunk.startswith("data: {") or '"usage"' not in chunk:
+        return chunk
+    obj = json.loads(chunk[6:])
+    found = obj.get("usage")
+    if found:
+        usage.clear()
+        usage.update({k: v for k, v in found.items() if isinstance(v, int)})
+    if not obj.get("choices"):  # the final usage-only chunk
+        return chunk if wants.final else None
+    if wants.continuous or found is None:
+        return chunk
+    del obj["usage"]
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
 async def _aclose(gen: Any) -> None:
@@ -184,6 +265,8 @@ def error_from_vllm(err: Any) -> NodeError:
     message = info.message
     if "context length" in message or "maximum context" in message:
         return ContextLengthExceeded(message, param=info.param or "messages")
+    if status == 501:  # a feature this engine lacks: the client's request, so a 400
+        return InvalidRequest(message, param=info.param, code="unsupported_parameter")
     if 400 <= status < 500:
         return InvalidRequest(message, param=info.param, status=status)
     return EngineError(message)

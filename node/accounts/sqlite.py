@@ -1,0 +1,264 @@
+"""SQLiteStore: the single-node backend, stdlib sqlite3 in WAL mode.
+
+Every reservation is one row of ``charges``, inserted in a ``BEGIN IMMEDIATE`` transaction
+together with the limit check (so concurrent reservations, from threads or processes, never
+overshoot), and settling is one guarded UPDATE of that row (so a repeat or a kill -9 between
+the two can neither double nor lose a charge). ``synchronous=FULL``: a committed charge
+survives a crash of the process and of the machine.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from . import keys as k
+from .plans import Plan, Window
+from .sqlite_db import Database, transaction
+from .store import (
+    KeyNotFound,
+    KeyRecord,
+    Reservation,
+    ReservationNotFound,
+    Usage,
+    check_tokens,
+    new_reservation_id,
+)
+from .windows import HOUR_S, RESERVATION_TTL_S, day_bounds, quota_exceeded
+
+_KEY_COLS = "id, name, plan_slug, limit_tokens, window, revoked, created_at"
+
+
+def _record(row: sqlite3.Row) -> KeyRecord:
+    return KeyRecord(
+        id=row["id"],
+        name=row["name"],
+        plan_slug=row["plan_slug"],
+        limit_tokens=row["limit_tokens"],
+        window=Window(row["window"]),
+        revoked=bool(row["revoked"]),
+        created_at=row["created_at"],
+    )
+
+
+class SQLiteStore:
+    def __init__(
+        self,
+        path: Path | str,
+        tz: str = "Europe/Stockholm",
+        *,
+        busy_timeout_s: float = 10.0,
+        reservation_ttl_s: float = RESERVATION_TTL_S,
+        threads: int = 4,
+    ) -> None:
+        self.path = Path(path)
+        self.tz = ZoneInfo(tz)
+        self.ttl = reservation_ttl_s
+        self._db = Database(self.path, busy_timeout_s, threads)
+        self._run = self._db.run
+
+    @staticmethod
+    def _resolve(conn: sqlite3.Connection, key_or_id: str) -> sqlite3.Row | None:
+        if key_or_id.startswith(k.KEY_PREFIX):
+            if k.parse_key(key_or_id) is None:
+                return None
+            h = k.hash_key(key_or_id)
+            row = conn.execute("SELECT * FROM keys WHERE key_hash = ?", (h,)).fetchone()
+            return row if row is not None and k.hashes_equal(row["key_hash"], h) else None
+        if not k.is_key_id(key_or_id):
+            return None
+        return conn.execute("SELECT * FROM keys WHERE id = ?", (key_or_id,)).fetchone()
+
+    def _state(
+        self, conn: sqlite3.Connection, key: sqlite3.Row, now: float, items: bool = False
+    ) -> tuple[int, list[tuple[float, int]], list[tuple[float, int]]]:
+        """``(used, settled, pending)`` at ``now``; the lists only when ``items``."""
+        window = Window(key["window"])
+        ttl_lo = now - self.ttl
+        if window is Window.BALANCE:
+            where, args = "", ()
+        elif window is Window.HOUR:
+            where, args = " AND ts > ?", (now - HOUR_S,)
+        else:
+            where, args = " AND ts >= ?", (day_bounds(now, self.tz)[0],)
+        settled_q = f"FROM charges WHERE key_id = ? AND actual IS NOT NULL{where}"
+        pending_q = f"FROM charges WHERE key_id = ? AND actual IS NULL AND ts > ?{where}"
+        sargs = (key["id"], *args)
+        pargs = (key["id"], ttl_lo, *args)
+        if window is Window.BALANCE:
+            settled_sum = key["spent"]
+        else:
+            settled_sum = conn.execute(f"SELECT COALESCE(SUM(actual), 0) {settled_q}", sargs)
+            settled_sum = settled_sum.fetchone()[0]
+        pending_sum = conn.execute(f"SELECT COALESCE(SUM(reserved), 0) {pending_q}", pargs)
+        used = settled_sum + pending_sum.fetchone()[0]
+        if not items:
+            return used, [], []
+        settled: list[tuple[float, int]] = []
+        if window is not Window.BALANCE:
+            settled = [tuple(r) for r in conn.execute(f"SELECT ts, actual {settled_q}", sargs)]
+        pending = [tuple(r) for r in conn.execute(f"SELECT ts, reserved {pending_q}", pargs)]
+        return used, settled, pending
+
+    # -- keys -------------------------------------------------------------------------------
+
+    async def create_key(
+        self, plan: Plan, name: str | None = None, tokens: int | None = None
+    ) -> tuple[str, KeyRecord]:
+        limit = plan.limit_tokens if tokens is None else check_tokens(tokens)
+
+        def go(conn: sqlite3.Connection) -> tuple[str, KeyRecord]:
+            for _ in range(8):  # key ids are 32 random bits: retry the rare collision
+                secret, key_hash, key_id = k.generate_key()
+                rec = KeyRecord(key_id, name, plan.slug, limit, plan.window, False, time.time())
+                try:
+                    conn.execute(
+                        "INSERT INTO keys (id, name, plan_slug, limit_tokens, window, created_at,"
+                        " key_hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            key_id,
+                            name,
+                            plan.slug,
+                            limit,
+                            plan.window.value,
+                            rec.created_at,
+                            key_hash,
+                        ),  # fmt: skip
+                    )
+                except sqlite3.IntegrityError:
+                    continue
+                return secret, rec
+            raise RuntimeError("could not allocate a unique key id")
+
+        return await self._run(go)
+
+    async def authenticate(self, secret: str) -> KeyRecord | None:
+        if k.parse_key(secret) is None:
+            return None  # malformed: refused without a lookup
+        row = await self._run(self._resolve, secret)
+        return None if row is None or row["revoked"] else _record(row)
+
+    async def list_keys(self) -> list[KeyRecord]:
+        def go(conn: sqlite3.Connection) -> list[KeyRecord]:
+            rows = conn.execute(f"SELECT {_KEY_COLS} FROM keys ORDER BY created_at, id")
+            return [_record(r) for r in rows]
+
+        return await self._run(go)
+
+    async def get_key(self, key_or_id: str) -> KeyRecord | None:
+        if not k.is_key_ref(key_or_id):
+            return None
+        row = await self._run(self._resolve, key_or_id)
+        return None if row is None else _record(row)
+
+    async def revoke(self, key_or_id: str) -> bool:
+        if not k.is_key_ref(key_or_id):
+            return False
+
+        def go(conn: sqlite3.Connection) -> bool:
+            with transaction(conn):
+                row = self._resolve(conn, key_or_id)
+                if row is not None:
+                    conn.execute("UPDATE keys SET revoked = 1 WHERE id = ?", (row["id"],))
+                return row is not None
+
+        return await self._run(go)
+
+    async def topup(self, key_or_id: str, tokens: int) -> KeyRecord:
+        check_tokens(tokens, positive=True)
+
+        def go(conn: sqlite3.Connection) -> KeyRecord:
+            with transaction(conn):
+                row = self._resolve(conn, key_or_id)
+                if row is None:
+                    raise KeyNotFound(key_or_id)
+                if row["window"] != Window.BALANCE.value:
+                    raise ValueError(f"{row['id']} is not a balance (pay-as-you-go) key")
+                conn.execute(
+                    "UPDATE keys SET limit_tokens = limit_tokens + ? WHERE id = ?",
+                    (tokens, row["id"]),
+                )
+                return _record(
+                    conn.execute("SELECT * FROM keys WHERE id = ?", (row["id"],)).fetchone()
+                )
+
+        return await self._run(go)
+
+    # -- accounting -------------------------------------------------------------------------
+
+    async def usage(self, key_id: str, now: float) -> Usage:
+        def go(conn: sqlite3.Connection) -> Usage:
+            with transaction(conn, "DEFERRED"):  # one read snapshot
+                key = conn.execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone()
+                if key is None:
+                    raise KeyNotFound(key_id)
+                return Usage.of(key["limit_tokens"], self._state(conn, key, now)[0])
+
+        return await self._run(go)
+
+    async def reserve(self, key_id: str, tokens: int, now: float) -> tuple[Reservation, Usage]:
+        check_tokens(tokens)
+        res = Reservation(new_reservation_id(), key_id, tokens)
+
+        def go(conn: sqlite3.Connection) -> Usage:
+            with transaction(conn):
+                key = conn.execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone()
+                if key is None or key["revoked"]:
+                    raise KeyNotFound(key_id)
+                limit = key["limit_tokens"]
+                used = self._state(conn, key, now)[0]
+                if used + tokens > limit:
+                    _, settled, pending = self._state(conn, key, now, items=True)
+                    raise quota_exceeded(
+                        window=Window(key["window"]),
+                        limit=limit,
+                        used=used,
+                        tokens=tokens,
+                        settled=settled,
+                        pending=pending,
+                        now=now,
+                        tz=self.tz,
+                        ttl=self.ttl,
+                    )
+                conn.execute(
+                    "INSERT INTO charges (id, key_id, ts, reserved) VALUES (?, ?, ?, ?)",
+                    (res.id, key_id, now, tokens),
+                )
+                return Usage.of(limit, used + tokens)
+
+        return res, await self._run(go)
+
+    async def settle(self, reservation_id: str, actual_tokens: int, now: float) -> Usage:
+        check_tokens(actual_tokens, "actual_tokens")
+
+        def go(conn: sqlite3.Connection) -> Usage:
+            with transaction(conn):
+                charge = conn.execute(
+                    "SELECT key_id, actual FROM charges WHERE id = ?", (reservation_id,)
+                ).fetchone()
+                if charge is None:
+                    raise ReservationNotFound(reservation_id)
+                if charge["actual"] is None:
+                    conn.execute(
+                        "UPDATE charges SET actual = ?, settled_at = ? "
+                        "WHERE id = ? AND actual IS NULL",
+                        (actual_tokens, now, reservation_id),
+                    )
+                    conn.execute(
+                        "UPDATE keys SET spent = spent + ? WHERE id = ? AND window = ?",
+                        (actual_tokens, charge["key_id"], Window.BALANCE.value),
+                    )
+                key = conn.execute(
+                    "SELECT * FROM keys WHERE id = ?", (charge["key_id"],)
+                ).fetchone()
+                return Usage.of(key["limit_tokens"], self._state(conn, key, now)[0])
+
+        return await self._run(go)
+
+    async def ping(self) -> None:
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,80 @@
+"""POST /v1/audio/transcriptions: multipart upload -> faster-whisper -> the asked format."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from node.api import transcript_formats as fmt
+from node.api.common import admit, parse
+from node.api.uploads import read_form
+from node.billing import bill_of
+from node.config import ModelKind
+from node.engines.whisper import SAMPLE_RATE, decode_audio, is_language
+from node.errors import InvalidRequest
+from node.metering import audio_headers, audio_tokens
+from node.registry import Registry
+
+
+class TranscriptionForm(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    language: str | None = None
+    prompt: str | None = None
+    temperature: float = Field(default=0.0, ge=0.0, le=1.0)
+    response_format: Literal["json", "text", "verbose_json", "srt", "vtt"] = "json"
+
+
+async def transcriptions(request: Request) -> Response:
+    registry: Registry = request.app.state.registry
+    form = await read_form(request, request.app.state.settings.max_upload_bytes)
+    try:
+        fields = {k: v for k, v in form.items() if isinstance(v, str) and v != ""}
+        entry = registry.resolve(fields.get("model"), ModelKind.TRANSCRIPTION)
+        req = parse(TranscriptionForm, fields)
+        if req.language is not None and not is_language(req.language):
+            raise InvalidRequest(
+                f"'{req.language}' is not a language code Whisper knows (e.g. 'sv', 'en').",
+                param="language",
+            )
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest(
+                "The multipart field 'file' (the audio) is required.", param="file"
+            )
+        engine = entry.require_ready()
+        bill = bill_of(request)
+        with await admit(entry):
+            audio = await asyncio.to_thread(decode_audio, await upload.read())
+            charge = audio_tokens(len(audio) / SAMPLE_RATE)
+            await bill.reserve(charge)
+            used = 0
+            try:
+                transcript = await engine.transcribe(
+                    audio, language=req.language, prompt=req.prompt, temperature=req.temperature
+                )
+                used = charge
+            finally:
+                await bill.settle(used)
+    finally:
+        await form.close()
+
+    headers = audio_headers(transcript.duration)
+    usage = {"type": "duration", "seconds": round(transcript.duration, 3)}
+    match req.response_format:
+        case "text":
+            return PlainTextResponse(transcript.text + "\n", headers=headers)
+        case "srt":
+            return PlainTextResponse(fmt.srt(transcript), headers=headers)
+        case "vtt":
+            return PlainTextResponse(fmt.vtt(transcript), headers=headers, media_type="text/vtt")
+        case "verbose_json":
+            return JSONResponse(fmt.verbose_json(transcript, usage), headers=headers)
+        case _:
+            return JSONResponse({"text": transcript.text, "usage": usage}, headers=headers)

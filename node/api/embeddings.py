@@ -1,0 +1,76 @@
+"""POST /v1/embeddings: strings in, float or base64 vectors out."""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from node.api.common import admit, parse, read_json
+from node.billing import bill_of
+from node.config import ModelKind
+from node.errors import InvalidRequest
+from node.registry import Registry
+
+MAX_INPUTS = 2048
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    def texts(self) -> list[str]:
+        items = [self.input] if isinstance(self.input, str) else list(self.input)
+        if not items:
+            raise InvalidRequest("'input' must not be empty.", param="input")
+        if len(items) > MAX_INPUTS:
+            raise InvalidRequest(f"'input' holds more than {MAX_INPUTS} items.", param="input")
+        if not all(isinstance(t, str) for t in items):
+            raise InvalidRequest(
+                "Token-id inputs are not supported here: send the text itself.", param="input"
+            )
+        if any(not t for t in items):
+            raise InvalidRequest("'input' must not contain empty strings.", param="input")
+        return items
+
+
+async def embeddings(request: Request) -> Response:
+    registry: Registry = request.app.state.registry
+    body = await read_json(request)
+    entry = registry.resolve(body.get("model"), ModelKind.EMBEDDING)
+    req = parse(EmbeddingRequest, body)
+    texts = req.texts()
+    engine = entry.require_ready()
+    if req.dimensions is not None and req.dimensions != engine.dimensions:
+        raise InvalidRequest(
+            f"{entry.spec.name} returns {engine.dimensions}-dimensional vectors; other "
+            "dimensions are not supported.",
+            param="dimensions",
+        )
+    bill = bill_of(request)
+    with await admit(entry):
+        tokens = sum(engine.count_tokens(texts))
+        await bill.reserve(tokens)
+        used = 0
+        try:
+            vectors = await engine.embed(texts)
+            used = tokens
+        finally:
+            await bill.settle(used)
+    data = []
+    for i, vector in enumerate(vectors):
+        if req.encoding_format == "base64":
+            value: object = base64.b64encode(vector.astype("<f4").tobytes()).decode()
+        else:
+            value = vector.astype(float).tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return JSONResponse({"object": "list", "data": data, "model": req.model, "usage": usage})

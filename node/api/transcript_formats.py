@@ -1,0 +1,57 @@
+"""Rendering a transcript in the response formats OpenAI's transcription route offers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from node.engines.base import Transcript
+
+FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+
+
+def _stamp(seconds: float, sep: str) -> str:
+    ms = round(seconds * 1000)
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def srt(t: Transcript) -> str:
+    blocks = [
+        f"{i}\n{_stamp(s.start, ',')} --> {_stamp(s.end, ',')}\n{s.text.strip()}\n"
+        for i, s in enumerate(t.segments, start=1)
+    ]
+    return "\n".join(blocks)
+
+
+def vtt(t: Transcript) -> str:
+    blocks = [
+        f"{_stamp(s.start, '.')} --> {_stamp(s.end, '.')}\n{s.text.strip()}\n" for s in t.segments
+    ]
+    return "WEBVTT\n\n" + "\n".join(blocks)
+
+
+def verbose_json(t: Transcript, usage: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "task": "transcribe",
+        "language": t.language,
+        "duration": round(t.duration, 3),
+        "text": t.text,
+        "segments": [
+            {
+                "id": s.id,
+                "seek": 0,
+                "start": s.start,
+                "end": s.end,
+                "text": s.text,
+                "tokens": s.tokens,
+                "temperature": s.temperature,
+                "avg_logprob": s.avg_logprob,
+                "compression_ratio": s.compression_ratio,
+                "no_speech_prob": s.no_speech_prob,
+            }
+            for s in t.segments
+        ],
+        "usage": usage,
+    }

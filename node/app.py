@@ -1,0 +1,104 @@
+"""The node as a Starlette app. A request flows top to bottom:
+
+    AccountMiddleware: key (401), X-RateLimit-* headers on whatever goes out
+    -> route -> handler (api/*) -> registry.resolve (404/400) -> require_ready (503)
+    -> admit a slot (429 model_busy) -> reserve the estimate (429 insufficient_quota)
+    -> engine -> settle what was used -> response (slot released in every outcome)
+
+Models load in the background from the lifespan, so the server answers from its first moment.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from node.accounts import Store
+from node.api import audio, chat, embeddings, health, models
+from node.billing import AccountMiddleware
+from node.config import ModelSpec, Settings
+from node.engines.factory import make_engine
+from node.errors import (
+    EngineError,
+    MethodNotAllowed,
+    NodeError,
+    NotFound,
+    error_response,
+)
+from node.registry import EngineFactory, Registry
+
+log = logging.getLogger(__name__)
+
+ROUTES = [
+    Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
+    Route("/v1/audio/transcriptions", audio.transcriptions, methods=["POST"]),
+    Route("/v1/models", models.list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", models.get_model, methods=["GET"]),
+    Route("/health", health.health, methods=["GET"]),
+    Route("/health/live", health.live, methods=["GET"]),
+    Route("/health/ready", health.ready, methods=["GET"]),
+]
+
+
+async def _node_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, NodeError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"{request.method} is not allowed on this route."))
+    if exc.status_code == 404:
+        return error_response(NotFound(f"No route {request.method} {request.url.path}."))
+    return error_response(NodeError(str(exc.detail), status=exc.status_code, code="http_error"))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return error_response(EngineError("The node failed to handle the request."))
+
+
+def create_app(
+    settings: Settings,
+    specs: list[ModelSpec],
+    store: Store,
+    factory: EngineFactory = make_engine,
+) -> Starlette:
+    registry = Registry(specs, factory)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        registry.start()
+        try:
+            yield
+        finally:
+            app.state.draining = True
+            await registry.stop()
+            await store.close()
+
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        middleware=[Middleware(AccountMiddleware, store=store)],
+        exception_handlers={
+            NodeError: _node_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.started_at = int(time.time())
+    app.state.draining = False
+    return app

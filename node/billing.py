@@ -1,0 +1,156 @@
+"""Request-level accounting: who is calling, what they hold, and the headers that say so.
+
+``AccountMiddleware`` authenticates every /v1 request (401 otherwise) and puts a ``Bill`` in the
+request's state; handlers ``reserve`` an estimate before running a model and ``settle`` the real
+count after. The middleware writes the X-RateLimit-* headers into whatever response goes out,
+errors and streams included, from the bill as it stands when the headers leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from node.accounts import (
+    KeyNotFound,
+    KeyRecord,
+    QuotaExceeded,
+    Reservation,
+    ReservationNotFound,
+    Store,
+    StoreUnavailable,
+    Usage,
+)
+from node.errors import InsufficientQuota, NodeError, Unauthorized, Unavailable, error_response
+
+log = logging.getLogger(__name__)
+
+SHOULD_RETRY_MAX_S = 120  # openai-python waits at most this long; beyond it, tell it not to
+_pending_settles: set[asyncio.Task[None]] = set()
+
+
+def store_down(exc: Exception) -> Unavailable:
+    log.error("accounting store unreachable: %s", exc)
+    return Unavailable(
+        "The accounting store is unreachable; requests are refused until it is back.",
+        code="store_unavailable",
+        retry_after_s=5,
+        should_retry=True,
+    )
+
+
+@dataclass
+class Bill:
+    store: Store
+    key: KeyRecord
+    usage: Usage
+    clock: Callable[[], float] = time.time
+    reservation: Reservation | None = None
+    settled: bool = field(default=False)
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit-Tokens": str(self.usage.limit),
+            "X-RateLimit-Used-Tokens": str(self.usage.used),
+            "X-RateLimit-Remaining-Tokens": str(self.usage.remaining),
+        }
+
+    async def reserve(self, tokens: int) -> None:
+        """Hold ``tokens`` before the work; 429 insufficient_quota if the window can't fit it."""
+        try:
+            self.reservation, self.usage = await self.store.reserve(
+                self.key.id, tokens, self.clock()
+            )
+        except QuotaExceeded as exc:
+            self.usage = exc.usage
+            wait = exc.retry_after_s
+            raise InsufficientQuota(
+                f"This request needs up to {tokens} tokens but the key's plan has "
+                f"{exc.usage.remaining} of {exc.usage.limit} left"
+                + (
+                    " (top up to continue)." if wait is None else f"; enough frees in {wait:.0f} s."
+                ),
+                retry_after_s=wait,
+                should_retry=wait is not None and wait <= SHOULD_RETRY_MAX_S,
+            ) from None
+        except KeyNotFound:
+            raise Unauthorized("The API key was revoked.") from None
+        except StoreUnavailable as exc:
+            raise store_down(exc) from None
+
+    async def settle(self, actual_tokens: int) -> None:
+        """Replace the hold by what was really used. Runs to the end even if the request is
+        cancelled (client gone): the store call is shielded and kept alive by a reference."""
+        if self.reservation is None or self.settled:
+            return
+        self.settled = True
+        task = asyncio.ensure_future(self._settle(self.reservation, max(0, actual_tokens)))
+        _pending_settles.add(task)
+        task.add_done_callback(_pending_settles.discard)
+        await asyncio.shield(task)
+
+    async def _settle(self, reservation: Reservation, tokens: int) -> None:
+        try:
+            self.usage = await self.store.settle(reservation.id, tokens, self.clock())
+        except (StoreUnavailable, ReservationNotFound) as exc:
+            # The reservation stays a hold until its TTL: the key is never undercharged.
+            log.error("settle of %s failed: %s", reservation.id, exc)
+
+
+def bill_of(request: Request) -> Bill:
+    return request.scope["state"]["bill"]
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+class AccountMiddleware:
+    """401 for /v1 requests without a live key; X-RateLimit-* on every authenticated response."""
+
+    def __init__(self, app: ASGIApp, store: Store, prefix: str = "/v1/") -> None:
+        self.app = app
+        self.store = store
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        try:
+            bill = await self._open_bill(scope)
+        except NodeError as err:
+            await error_response(err)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["bill"] = bill
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = [(k.lower().encode(), v.encode()) for k, v in bill.headers().items()]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    async def _open_bill(self, scope: Scope) -> Bill:
+        secret = _bearer(scope)
+        if secret is None:
+            raise Unauthorized("Missing API key: send 'Authorization: Bearer sk-st-...'.")
+        try:
+            key = await self.store.authenticate(secret)
+            if key is None:
+                raise Unauthorized("Invalid API key.")
+            usage = await self.store.usage(key.id, time.time())
+        except StoreUnavailable as exc:
+            raise store_down(exc) from None
+        return Bill(self.store, key, usage)

@@ -1,0 +1,111 @@
+"""Embeddings through sentence-transformers, with concurrent requests batched together.
+
+Requests queue their texts; one worker takes everything waiting (up to ``max_batch`` texts),
+encodes it in a single ``encode`` call off the event loop, and hands each request its rows.
+Batching is what lets many small concurrent requests approach the in-process ceiling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from node.config import ModelSpec
+from node.errors import ContextLengthExceeded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    texts: list[str]
+    done: asyncio.Future[np.ndarray]
+
+
+class SentenceTransformerEngine:
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.max_batch = int(spec.engine.get("max_batch", 64))
+        self._model: Any = None
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        device = self.spec.engine.get("device", "cpu")
+        self._model = await asyncio.to_thread(SentenceTransformer, self.spec.path, device=device)
+        if self.spec.context_window:
+            self._model.max_seq_length = self.spec.context_window
+        self._worker = asyncio.create_task(self._run(), name=f"embed:{self.spec.name}")
+
+    @property
+    def dead(self) -> bool:
+        return self._worker is not None and self._worker.done()
+
+    @property
+    def dimensions(self) -> int:
+        return int(self._model.get_sentence_embedding_dimension())
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per input as the model sees them (special tokens included); 400 for an input
+        longer than the model's window (it would be cut silently otherwise)."""
+        encoded = self._model.tokenizer(texts, add_special_tokens=True, truncation=False)
+        counts = [len(ids) for ids in encoded["input_ids"]]
+        window = self.spec.context_window
+        for i, n in enumerate(counts):
+            if window and n > window:
+                raise ContextLengthExceeded(
+                    f"Input {i} has {n} tokens; the model {self.spec.name} accepts at most "
+                    f"{window} tokens per input.",
+                    param="input",
+                )
+        return counts
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        """One unit-length vector per text, batched with whatever else is waiting."""
+        job = _Job(texts, asyncio.get_running_loop().create_future())
+        await self._queue.put(job)
+        return await job.done
+
+    async def _run(self) -> None:
+        while True:
+            jobs = [await self._queue.get()]
+            size = len(jobs[0].texts)
+            while not self._queue.empty() and size < self.max_batch:
+                job = self._queue.get_nowait()
+                jobs.append(job)
+                size += len(job.texts)
+            texts = [t for job in jobs for t in job.texts]
+            try:
+                vectors = await asyncio.to_thread(
+                    self._model.encode,
+                    texts,
+                    batch_size=self.max_batch,
+                    convert_to_numpy=True,
+                    normalize_embeddings=True,
+                )
+            except Exception as exc:  # one bad batch must not kill the worker
+                log.exception("embedding batch failed")
+                for job in jobs:
+                    if not job.done.done():
+                        job.done.set_exception(exc)
+                continue
+            offset = 0
+            for job in jobs:
+                n = len(job.texts)
+                if not job.done.done():  # the request may have gone away
+                    job.done.set_result(vectors[offset : offset + n])
+                offset += n
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        self._model = None

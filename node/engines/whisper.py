@@ -1,0 +1,117 @@
+"""Speech to text through faster-whisper (CTranslate2), and audio decoding through PyAV."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from typing import Any
+
+import numpy as np
+
+from node.config import ModelSpec
+from node.engines.base import Segment, Transcript
+from node.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+
+
+def decode_audio(data: bytes) -> np.ndarray:
+    """Any container/codec FFmpeg (PyAV) knows -> mono float32 at 16 kHz; 400 if it can't."""
+    from faster_whisper.audio import decode_audio as fw_decode
+
+    if not data:
+        raise InvalidRequest("The uploaded file is empty.", param="file", code="invalid_audio")
+    try:
+        audio = fw_decode(io.BytesIO(data), sampling_rate=SAMPLE_RATE)
+    except Exception as exc:
+        raise InvalidRequest(
+            "The file could not be decoded as audio. Supported formats: mp3, wav, m4a, ogg, "
+            "flac, webm, mp4.",
+            param="file",
+            code="invalid_audio",
+        ) from exc
+    if audio.size == 0:
+        raise InvalidRequest("The file holds no audio.", param="file", code="invalid_audio")
+    return audio
+
+
+class WhisperEngine:
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._model: Any = None
+        self._batched: Any = None
+        self.batched_from_s = float(spec.engine.get("batched_from_s", 120))
+
+    async def start(self) -> None:
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+        opts = self.spec.engine
+        self._model = await asyncio.to_thread(
+            WhisperModel,
+            self.spec.path,
+            device=opts.get("device", "cpu"),
+            compute_type=opts.get("compute_type", "int8"),
+            cpu_threads=int(opts.get("cpu_threads", 0)),
+        )
+        self._batched = BatchedInferencePipeline(self._model)
+
+    @property
+    def dead(self) -> bool:
+        return False
+
+    async def transcribe(
+        self,
+        audio: np.ndarray,
+        *,
+        language: str | None,
+        prompt: str | None,
+        temperature: float,
+    ) -> Transcript:
+        return await asyncio.to_thread(self._transcribe, audio, language, prompt, temperature)
+
+    def _transcribe(
+        self, audio: np.ndarray, language: str | None, prompt: str | None, temperature: float
+    ) -> Transcript:
+        duration = len(audio) / SAMPLE_RATE
+        kwargs: dict[str, Any] = dict(
+            language=language,
+            initial_prompt=prompt or None,
+            temperature=temperature if temperature > 0 else [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
+            beam_size=int(self.spec.engine.get("beam_size", 5)),
+            vad_filter=False,
+        )
+        if duration >= self.batched_from_s:
+            # Long audio: the batched pipeline decodes VAD chunks together.
+            batch = int(self.spec.engine.get("batch_size", 8))
+            segments, info = self._batched.transcribe(audio, batch_size=batch, **kwargs)
+        else:
+            segments, info = self._model.transcribe(audio, **kwargs)
+        out = [
+            Segment(
+                id=i,
+                start=round(s.start, 3),
+                end=round(s.end, 3),
+                text=s.text,
+                avg_logprob=s.avg_logprob,
+                compression_ratio=s.compression_ratio,
+                no_speech_prob=s.no_speech_prob,
+                temperature=s.temperature or 0.0,
+                tokens=list(s.tokens),
+            )
+            for i, s in enumerate(segments)
+        ]
+        text = "".join(s.text for s in out).strip()
+        return Transcript(text=text, language=info.language, duration=duration, segments=out)
+
+    async def stop(self) -> None:
+        self._model = None
+        self._batched = None
+
+
+def is_language(code: str) -> bool:
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    return code in _LANGUAGE_CODES

@@ -1,0 +1,185 @@
+"""Model lifecycle: loading -> ready -> failed | restarting -> ready; one entry per public model.
+
+Models load in the background so the HTTP server answers (503) from the first moment. A
+watcher notices an engine that died (vLLM's engine core process, say) and restarts it with
+back-off while the model answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from node.config import ModelKind, ModelSpec
+from node.engines.base import Engine
+from node.errors import ModelNotFound, Unavailable, WrongModelKind
+from node.scheduler import SlotPool
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[ModelSpec], Engine]
+
+_EXPECTED_LOAD_S = {ModelKind.CHAT: 60.0, ModelKind.EMBEDDING: 10.0, ModelKind.TRANSCRIPTION: 10.0}
+_WATCH_INTERVAL_S = 1.0
+_MAX_BACKOFF_S = 60.0
+
+
+class ModelState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    RESTARTING = "restarting"
+    STOPPED = "stopped"
+
+
+class ModelEntry:
+    def __init__(self, spec: ModelSpec, factory: EngineFactory) -> None:
+        self.spec = spec
+        self.slots = SlotPool(spec.slots, spec.queue_timeout_ms)
+        self.state = ModelState.LOADING
+        self.error: str | None = None
+        self.engine: Any = None
+        self.restarts = 0
+        self._factory = factory
+        self._state_since = time.monotonic()
+        self._last_load_s: float | None = None
+        self._dead = asyncio.Event()
+
+    def _set(self, state: ModelState, error: str | None = None) -> None:
+        self.state, self.error, self._state_since = state, error, time.monotonic()
+
+    def retry_after_s(self) -> float:
+        """Time left of the expected load, from the last load's duration (or a per-kind guess)."""
+        expected = self._last_load_s or _EXPECTED_LOAD_S[self.spec.kind]
+        elapsed = time.monotonic() - self._state_since
+        return max(1.0, expected - elapsed) if elapsed < expected else 2.0
+
+    def require_ready(self) -> Any:
+        """The engine, or 503 model_loading / model_unavailable with a Retry-After."""
+        if self.state is ModelState.READY and self.engine is not None and not self.engine.dead:
+            return self.engine
+        if self.state is ModelState.READY:
+            self.report_dead()
+        if self.state in (ModelState.LOADING, ModelState.RESTARTING, ModelState.READY):
+            raise Unavailable(
+                f"The model {self.spec.name} is {self.state.value}; try again shortly.",
+                code="model_loading",
+                retry_after_s=self.retry_after_s(),
+                should_retry=True,
+            )
+        raise Unavailable(
+            f"The model {self.spec.name} is unavailable: {self.error or self.state.value}",
+            code="model_unavailable",
+            retry_after_s=30.0,
+            should_retry=False,
+        )
+
+    def report_dead(self) -> None:
+        """Called when a request saw the engine die: the watcher restarts it."""
+        self._dead.set()
+
+    async def load(self) -> bool:
+        started = time.monotonic()
+        engine = self._factory(self.spec)
+        try:
+            await engine.start()
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await engine.stop()
+            raise
+        except Exception as exc:
+            log.exception("model %s failed to load", self.spec.name)
+            with contextlib.suppress(Exception):
+                await engine.stop()
+            self._set(ModelState.FAILED, f"{type(exc).__name__}: {exc}")
+            return False
+        self.engine = engine
+        self._last_load_s = time.monotonic() - started
+        self._dead.clear()
+        self._set(ModelState.READY)
+        log.info("model %s ready in %.1f s", self.spec.name, self._last_load_s)
+        return True
+
+    async def run(self) -> None:
+        """Load, then watch: a dead engine is stopped and loaded again with back-off."""
+        if not await self.load():
+            return
+        backoff = 1.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dead.wait(), _WATCH_INTERVAL_S)
+            if not (self._dead.is_set() or self.engine.dead):
+                continue
+            log.error("engine of %s died; restarting", self.spec.name)
+            self._set(ModelState.RESTARTING, "engine died")
+            self.restarts += 1
+            old, self.engine = self.engine, None
+            with contextlib.suppress(Exception):
+                await old.stop()
+            while not await self.load():
+                self._set(ModelState.RESTARTING, self.error)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            backoff = 1.0
+
+    async def stop(self) -> None:
+        self._set(ModelState.STOPPED)
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            await engine.stop()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "error": self.error,
+            "slots_in_use": self.slots.in_use,
+            "slots_total": self.slots.total,
+            "restarts": self.restarts,
+        }
+
+
+class Registry:
+    def __init__(self, specs: list[ModelSpec], factory: EngineFactory) -> None:
+        self.entries = [ModelEntry(spec, factory) for spec in specs]
+        self._by_name = {name: e for e in self.entries for name in e.spec.public_names}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def resolve(self, name: Any, kind: ModelKind) -> ModelEntry:
+        """The entry behind a public name: 404 if unknown, 400 if it is not a ``kind`` model."""
+        if not isinstance(name, str) or not name:
+            from node.errors import InvalidRequest
+
+            raise InvalidRequest("The field 'model' is required.", param="model")
+        entry = self._by_name.get(name)
+        if entry is None:
+            raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
+        if entry.spec.kind is not kind:
+            raise WrongModelKind(
+                f"The model '{name}' is a {entry.spec.kind.value} model; this route needs a "
+                f"{kind.value} model.",
+                param="model",
+            )
+        return entry
+
+    def start(self) -> None:
+        for entry in self.entries:
+            self._tasks.append(asyncio.create_task(entry.run(), name=f"model:{entry.spec.name}"))
+
+    @property
+    def all_ready(self) -> bool:
+        return all(e.state is ModelState.READY for e in self.entries)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for entry in self.entries:
+            with contextlib.suppress(Exception):
+                await entry.stop()

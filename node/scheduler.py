@@ -1,0 +1,112 @@
+"""Per-model slots: admission control, pure logic with no I/O.
+
+The concurrency rule: a model runs at most ``slots`` requests at once. Admission is a
+non-blocking try-acquire; a request may wait up to the model's ``queue_timeout_ms`` for a slot
+(0 by default: answer 429 at once). A permit is held for the whole request, streams included,
+and released exactly once, in every outcome. When refusing, the pool estimates how soon a slot
+frees from how fast its slots have been freeing lately (the mean hold time of recent requests
+divided by the number of slots), so clients get an honest Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+
+_RECENT = 32  # hold times remembered for the retry estimate
+_DEFAULT_HOLD_S = 1.0  # before anything finished
+
+
+class Permit:
+    """One held slot. ``release`` is idempotent; use it in ``finally`` or as a context manager."""
+
+    __slots__ = ("_pool", "_acquired_at", "_released")
+
+    def __init__(self, pool: SlotPool, acquired_at: float) -> None:
+        self._pool = pool
+        self._acquired_at = acquired_at
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._pool._release(self._acquired_at)
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def __enter__(self) -> Permit:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class SlotPool:
+    def __init__(
+        self,
+        total: int,
+        queue_timeout_ms: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if total < 1:
+            raise ValueError("a model needs at least one slot")
+        self.total = total
+        self.queue_timeout_s = queue_timeout_ms / 1000
+        self._clock = clock
+        self._in_use = 0
+        self._holds: deque[float] = deque(maxlen=_RECENT)
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    def try_acquire(self) -> Permit | None:
+        if self._in_use >= self.total or self._waiters:
+            return None
+        self._in_use += 1
+        return Permit(self, self._clock())
+
+    async def acquire(self) -> Permit | None:
+        """Try at once; then wait up to the queue timeout, first come first served."""
+        permit = self.try_acquire()
+        if permit is not None or self.queue_timeout_s <= 0:
+            return permit
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled():
+                # Handed a slot just as the wait ended: pass it on to the next in line.
+                self._free_one()
+            return None
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            if not waiter.done():
+                waiter.cancel()
+        # The releasing side kept the count: the slot passed straight to this waiter.
+        return Permit(self, self._clock())
+
+    def _release(self, acquired_at: float) -> None:
+        self._holds.append(max(0.0, self._clock() - acquired_at))
+        self._free_one()
+
+    def _free_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot moves to the waiter; in_use stays
+                return
+        self._in_use -= 1
+
+    def retry_after_s(self) -> float:
+        """Expected seconds until a slot frees, from the recent mean hold time."""
+        mean_hold = sum(self._holds) / len(self._holds) if self._holds else _DEFAULT_HOLD_S
+        queued = len(self._waiters) + 1
+        return max(0.05, mean_hold * queued / self.total)

@@ -1,0 +1,166 @@
+"""Transcription on the real faster-whisper stand-in: formats, containers, headers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.audio_files import CONTAINERS, convert, duration_s, speak
+from tests.e2e.node_process import NodeProcess
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("speech")
+    return {
+        "en": speak("Good morning. The weather in Stockholm is cold today.", "en", d / "en.wav"),
+        "sv": speak("Hej, det här är ett test av transkriberingstjänsten.", "sv", d / "sv.wav"),
+    }
+
+
+def _post(node: NodeProcess, key: str, path: Path, **fields: str) -> httpx.Response:
+    with open(path, "rb") as f:
+        return httpx.post(
+            node.base_url + "/v1/audio/transcriptions",
+            headers={"Authorization": f"Bearer {key}"},
+            files={"file": (path.name, f)},
+            data={"model": "kb-whisper-large", **fields},
+            timeout=120,
+        )
+
+
+def test_sdk_example_from_the_doc(client: openai.OpenAI, speech: dict[str, Path]) -> None:
+    with open(speech["sv"], "rb") as f:
+        result = client.audio.transcriptions.create(model="kb-whisper-large", file=f, language="sv")
+    assert "Hej" in result.text and "test" in result.text
+
+
+def test_whisper_1_alias_with_raw_response_headers(
+    client: openai.OpenAI, speech: dict[str, Path]
+) -> None:
+    with open(speech["en"], "rb") as f:
+        raw = client.audio.transcriptions.with_raw_response.create(
+            model="whisper-1", file=f, language="en"
+        )
+    seconds = duration_s(speech["en"])
+    assert float(raw.headers["X-Audio-Duration-Seconds"]) == pytest.approx(seconds, abs=0.01)
+    assert int(raw.headers["X-Audio-Tokens-Charged"]) == math.ceil(seconds * 100)
+    assert "Stockholm" in raw.parse().text
+
+
+@pytest.mark.parametrize("fmt", ["json", "text", "verbose_json", "srt", "vtt"])
+def test_every_response_format(
+    node: NodeProcess, api_key: str, speech: dict[str, Path], fmt: str
+) -> None:
+    r = _post(node, api_key, speech["en"], response_format=fmt, language="en")
+    assert r.status_code == 200, r.text
+    assert "X-Audio-Duration-Seconds" in r.headers and "X-Audio-Tokens-Charged" in r.headers
+    if fmt == "json":
+        body = r.json()
+        assert "Stockholm" in body["text"] and body["usage"]["type"] == "duration"
+    elif fmt == "verbose_json":
+        body = r.json()
+        assert body["language"] == "en"
+        assert body["duration"] == pytest.approx(duration_s(speech["en"]), abs=0.01)
+        assert body["segments"] and {"start", "end", "text"} <= body["segments"][0].keys()
+        assert body["segments"][-1]["end"] <= body["duration"] + 0.5
+        assert body["usage"]["seconds"] == pytest.approx(body["duration"], abs=0.01)
+    elif fmt == "text":
+        assert "Stockholm" in r.text and not r.text.lstrip().startswith("{")
+    elif fmt == "srt":
+        assert r.text.startswith("1\n00:00:0") and " --> " in r.text and "Stockholm" in r.text
+    else:
+        assert r.text.startswith("WEBVTT") and " --> " in r.text and "Stockholm" in r.text
+
+
+@pytest.mark.parametrize("container", sorted(CONTAINERS))
+def test_every_container_of_the_doc(
+    node: NodeProcess, api_key: str, speech: dict[str, Path], container: str, tmp_path: Path
+) -> None:
+    path = convert(speech["en"], container, tmp_path)
+    r = _post(node, api_key, path, response_format="verbose_json", language="en")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "Stockholm" in body["text"]
+    seconds = duration_s(path)
+    assert float(r.headers["X-Audio-Duration-Seconds"]) == pytest.approx(seconds, abs=0.01)
+    assert int(r.headers["X-Audio-Tokens-Charged"]) == math.ceil(round(seconds * 100, 6))
+
+
+def test_undecodable_audio_is_400(node: NodeProcess, api_key: str, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.mp3"
+    junk.write_bytes(b"this is not audio at all" * 100)
+    r = _post(node, api_key, junk)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "file"
+
+
+def test_unknown_language_is_400(node: NodeProcess, api_key: str, speech: dict[str, Path]) -> None:
+    r = _post(node, api_key, speech["en"], language="klingon")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "language"
+
+
+def test_bad_response_format_is_400(
+    node: NodeProcess, api_key: str, speech: dict[str, Path]
+) -> None:
+    r = _post(node, api_key, speech["en"], response_format="xml")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
+def test_missing_file_is_400(node: NodeProcess, api_key: str) -> None:
+    r = httpx.post(
+        node.base_url + "/v1/audio/transcriptions",
+        headers={"Authorization": f"Bearer {api_key}"},
+        files={"other": ("x.txt", b"x")},
+        data={"model": "whisper-1"},
+        timeout=30,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+
+
+def test_upload_over_25_mb_is_413_with_declared_length(node: NodeProcess, api_key: str) -> None:
+    big = b"\0" * (26 * 1024 * 1024)
+    r = httpx.post(
+        node.base_url + "/v1/audio/transcriptions",
+        headers={"Authorization": f"Bearer {api_key}"},
+        files={"file": ("big.wav", big)},
+        data={"model": "whisper-1"},
+        timeout=60,
+    )
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "file_too_large"
+
+
+def test_upload_over_25_mb_is_413_when_chunked(node: NodeProcess, api_key: str) -> None:
+    boundary = "staikboundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="big.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+    ).encode()
+
+    def body():  # type: ignore[no-untyped-def]
+        yield head
+        chunk = b"\0" * (1024 * 1024)
+        for _ in range(27):
+            yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = httpx.post(
+        node.base_url + "/v1/audio/transcriptions",
+        headers={
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+        },
+        content=body(),
+        timeout=60,
+    )
+    assert r.status_code == 413, r.text
+    assert json.loads(r.text)["error"]["code"] == "file_too_large"

@@ -1,0 +1,48 @@
+"""Embeddings on the real sentence-transformers stand-in."""
+
+from __future__ import annotations
+
+import numpy as np
+import openai
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "bge-m3:latest"
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    va, vb = np.asarray(a), np.asarray(b)
+    return float(va @ vb / (np.linalg.norm(va) * np.linalg.norm(vb)))
+
+
+def test_similar_sentences_score_closer_than_unrelated(client: openai.OpenAI) -> None:
+    texts = [
+        "The cat sits on the mat.",
+        "A cat is sitting on a rug.",
+        "Quarterly tax filings are due in April.",
+    ]
+    result = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    vecs = [d.embedding for d in sorted(result.data, key=lambda d: d.index)]
+    assert len(vecs) == 3 and len(vecs[0]) == 384
+    assert _cos(vecs[0], vecs[1]) > _cos(vecs[0], vecs[2]) + 0.2
+    assert result.usage.prompt_tokens > 10
+    assert result.usage.total_tokens == result.usage.prompt_tokens
+
+
+def test_base64_and_float_agree(client: openai.OpenAI) -> None:
+    as_float = client.embeddings.create(model=MODEL, input="hej", encoding_format="float")
+    as_b64 = client.embeddings.create(model=MODEL, input="hej")  # the SDK asks for base64
+    assert np.allclose(as_float.data[0].embedding, as_b64.data[0].embedding, atol=1e-6)
+
+
+def test_empty_input_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=MODEL, input=[])
+    assert info.value.body["param"] == "input"  # type: ignore[index]
+
+
+def test_chat_model_on_embeddings_route_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model="qwen3.5:9b", input="hej")
+    assert info.value.code == "model_not_supported"

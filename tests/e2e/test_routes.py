@@ -1,0 +1,104 @@
+"""Models, health and the error shape of every refusal, on the real node."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.node_process import NodeProcess
+
+pytestmark = pytest.mark.e2e
+
+PUBLIC = {
+    "gemma4:31b",
+    "qwen3.6:35b-a3b",
+    "qwen3.5:9b",
+    "bge-m3:latest",
+    "kb-whisper-large",
+    "whisper-1",
+}
+
+
+def _assert_error_shape(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["code"], str) and err["message"]
+    return err
+
+
+def test_models_list_has_public_names_kinds_and_states(client: openai.OpenAI) -> None:
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == PUBLIC
+    extra = models["gemma4:31b"].model_extra or {}
+    assert extra["kind"] == "chat" and extra["state"] == "ready" and extra["context_window"]
+    assert (models["bge-m3:latest"].model_extra or {})["kind"] == "embedding"
+    assert (models["whisper-1"].model_extra or {})["alias_of"] == "kb-whisper-large"
+    assert client.models.retrieve("qwen3.5:9b").id == "qwen3.5:9b"
+
+
+def test_health_routes(node: NodeProcess) -> None:
+    assert httpx.get(node.base_url + "/health").json()["status"] == "ok"
+    assert httpx.get(node.base_url + "/health/live").status_code == 200
+    ready = httpx.get(node.base_url + "/health/ready")
+    assert ready.status_code == 200
+    assert set(ready.json()["models"]) == PUBLIC - {"whisper-1"}
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert info.value.code == "model_not_found"
+
+
+def test_malformed_json_is_400(node: NodeProcess, api_key: str) -> None:
+    r = httpx.post(
+        node.base_url + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+    )
+    _assert_error_shape(r, 400)
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"model": "qwen3.5:9b", "messages": "hello"}, "messages"),
+        (
+            {
+                "model": "qwen3.5:9b",
+                "messages": [{"role": "user", "content": "x"}],
+                "temperature": "hot",
+            },
+            "temperature",
+        ),
+        ({"model": "bge-m3:latest", "input": 3.5}, "input"),
+        ({"model": "bge-m3:latest", "input": "x", "encoding_format": "hex"}, "encoding_format"),
+    ],
+)
+def test_malformed_fields_are_400_naming_the_field(
+    node: NodeProcess, api_key: str, body: dict, param: str
+) -> None:
+    route = "/v1/embeddings" if "input" in body else "/v1/chat/completions"
+    r = httpx.post(
+        node.base_url + route, json=body, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+    )
+    err = _assert_error_shape(r, 400)
+    assert err["param"] and err["param"].startswith(param)
+
+
+def test_missing_model_is_400(node: NodeProcess, api_key: str) -> None:
+    r = httpx.post(
+        node.base_url + "/v1/chat/completions",
+        json={"messages": []},
+        headers={"Authorization": f"Bearer {api_key}"},
+    )
+    assert _assert_error_shape(r, 400)["param"] == "model"
+
+
+def test_unknown_route_and_wrong_method(node: NodeProcess, api_key: str) -> None:
+    auth = {"Authorization": f"Bearer {api_key}"}
+    _assert_error_shape(httpx.get(node.base_url + "/v1/nothing", headers=auth), 404)
+    _assert_error_shape(httpx.get(node.base_url + "/v1/chat/completions", headers=auth), 405)
+    _assert_error_shape(httpx.get(node.base_url + "/nothing"), 404)

@@ -1,0 +1,99 @@
+"""Slot pool: pure admission logic, driven with a controllable clock."""
+
+import asyncio
+
+import pytest
+
+from node.scheduler import SlotPool
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_try_acquire_refuses_beyond_total_and_release_is_idempotent() -> None:
+    pool = SlotPool(2)
+    a, b = pool.try_acquire(), pool.try_acquire()
+    assert a and b and pool.try_acquire() is None
+    a.release()
+    a.release()
+    assert pool.in_use == 1
+    c = pool.try_acquire()
+    assert c is not None and pool.try_acquire() is None
+
+
+def test_retry_estimate_follows_recent_hold_times() -> None:
+    clock = Clock()
+    pool = SlotPool(2, clock=clock)
+    for _ in range(4):
+        p = pool.try_acquire()
+        assert p
+        clock.t += 3.0
+        p.release()
+    assert pool.retry_after_s() == pytest.approx(1.5)  # mean hold 3 s over 2 slots
+
+
+def test_zero_slots_is_a_config_error() -> None:
+    with pytest.raises(ValueError):
+        SlotPool(0)
+
+
+def test_waiter_gets_the_released_slot_within_queue_timeout() -> None:
+    async def scenario() -> None:
+        pool = SlotPool(1, queue_timeout_ms=500)
+        held = pool.try_acquire()
+        assert held
+        waiting = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0.01)
+        assert pool.try_acquire() is None  # the queue goes first
+        held.release()
+        got = await waiting
+        assert got is not None and pool.in_use == 1
+        got.release()
+        assert pool.in_use == 0
+
+    asyncio.run(scenario())
+
+
+def test_waiter_times_out_and_leaves_nothing_behind() -> None:
+    async def scenario() -> None:
+        pool = SlotPool(1, queue_timeout_ms=20)
+        held = pool.try_acquire()
+        assert held
+        assert await pool.acquire() is None
+        held.release()
+        assert pool.in_use == 0
+        assert pool.try_acquire() is not None
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_waiter_does_not_swallow_a_slot() -> None:
+    async def scenario() -> None:
+        pool = SlotPool(1, queue_timeout_ms=1000)
+        held = pool.try_acquire()
+        assert held
+        waiting = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        held.release()
+        assert pool.in_use == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("slots,extra", [(1, 3), (3, 5)])
+def test_exactly_the_excess_is_refused(slots: int, extra: int) -> None:
+    pool = SlotPool(slots)
+    permits = [pool.try_acquire() for _ in range(slots + extra)]
+    assert sum(p is None for p in permits) == extra
+    for p in permits:
+        if p:
+            p.release()
+    assert pool.in_use == 0
