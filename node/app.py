@@ -1,6 +1,7 @@
 """The node as a Starlette app. A request flows top to bottom:
 
-    AccountMiddleware: key (401), X-RateLimit-* headers on whatever goes out
+    DrainMiddleware: 503 shutting_down once SIGTERM came; counts requests in flight
+    -> AccountMiddleware: key (401), X-RateLimit-* headers on whatever goes out
     -> route -> handler (api/*) -> registry.resolve (404/400) -> require_ready (503)
     -> admit a slot (429 model_busy) -> reserve the estimate (429 insufficient_quota)
     -> engine -> settle what was used -> response (slot released in every outcome)
@@ -26,6 +27,7 @@ from node.accounts import Store
 from node.api import audio, chat, embeddings, health, models
 from node.billing import AccountMiddleware
 from node.config import ModelSpec, Settings
+from node.draining import Drain, DrainMiddleware
 from node.engines.factory import make_engine
 from node.errors import (
     EngineError,
@@ -34,12 +36,14 @@ from node.errors import (
     NotFound,
     error_response,
 )
+from node.images import ImagePolicy
 from node.registry import EngineFactory, Registry
 
 log = logging.getLogger(__name__)
 
 ROUTES = [
     Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+    Route("/v1/completions", chat.completions, methods=["POST"]),
     Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
     Route("/v1/audio/transcriptions", audio.transcriptions, methods=["POST"]),
     Route("/v1/models", models.list_models, methods=["GET"]),
@@ -76,6 +80,7 @@ def create_app(
     factory: EngineFactory = make_engine,
 ) -> Starlette:
     registry = Registry(specs, factory)
+    drain = Drain()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -83,14 +88,17 @@ def create_app(
         try:
             yield
         finally:
-            app.state.draining = True
+            drain.draining = True
             await registry.stop()
             await store.close()
 
     app = Starlette(
         routes=ROUTES,
         lifespan=lifespan,
-        middleware=[Middleware(AccountMiddleware, store=store)],
+        middleware=[
+            Middleware(DrainMiddleware, drain=drain),
+            Middleware(AccountMiddleware, store=store),
+        ],
         exception_handlers={
             NodeError: _node_error,
             HTTPException: _http_error,
@@ -100,5 +108,6 @@ def create_app(
     app.state.settings = settings
     app.state.registry = registry
     app.state.started_at = int(time.time())
-    app.state.draining = False
+    app.state.drain = drain
+    app.state.image_policy = ImagePolicy(allowed_hosts=frozenset(settings.image_allowed_hosts))
     return app

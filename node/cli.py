@@ -16,6 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
     from node.accounts import open_store
     from node.app import create_app
     from node.config import Settings, load_models
+    from node.draining import DrainingServer
 
     settings = Settings.from_env(models_file=args.models, host=args.host, port=args.port)
     specs = load_models(settings.models_file.read_text(), settings.models_dir)
@@ -29,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.drain_timeout_s),
         lifespan="on",
     )
-    uvicorn.Server(config).run()
+    DrainingServer(config, app.state.drain, settings.drain_timeout_s).run()
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from node.config import ModelKind, ModelSpec
 from node.engines.base import Engine
-from node.errors import ModelNotFound, Unavailable, WrongModelKind
+from node.errors import InvalidRequest, ModelNotFound, Unavailable, WrongModelKind
 from node.scheduler import SlotPool
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,12 @@ class ModelEntry:
         """The engine, or 503 model_loading / model_unavailable with a Retry-After."""
         if self.state is ModelState.READY and self.engine is not None and not self.engine.dead:
             return self.engine
-        if self.state is ModelState.READY:
+        if self.state is ModelState.READY:  # its engine just died: the watcher restarts it
             self.report_dead()
         if self.state in (ModelState.LOADING, ModelState.RESTARTING, ModelState.READY):
+            doing = "loading" if self.state is ModelState.LOADING else "restarting"
             raise Unavailable(
-                f"The model {self.spec.name} is {self.state.value}; try again shortly.",
+                f"The model {self.spec.name} is {doing}; try again shortly.",
                 code="model_loading",
                 retry_after_s=self.retry_after_s(),
                 should_retry=True,
@@ -134,11 +135,14 @@ class ModelEntry:
             await engine.stop()
 
     def describe(self) -> dict[str, Any]:
+        engine = self.engine
         return {
             "state": self.state.value,
             "error": self.error,
             "slots_in_use": self.slots.in_use,
             "slots_total": self.slots.total,
+            "engine_requests": getattr(engine, "running_requests", 0) if engine else 0,
+            "engine_pids": getattr(engine, "pids", []) if engine else [],
             "restarts": self.restarts,
         }
 
@@ -152,8 +156,6 @@ class Registry:
     def resolve(self, name: Any, kind: ModelKind) -> ModelEntry:
         """The entry behind a public name: 404 if unknown, 400 if it is not a ``kind`` model."""
         if not isinstance(name, str) or not name:
-            from node.errors import InvalidRequest
-
             raise InvalidRequest("The field 'model' is required.", param="model")
         entry = self._by_name.get(name)
         if entry is None:
@@ -180,6 +182,5 @@ class Registry:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for entry in self.entries:
-            with contextlib.suppress(Exception):
-                await entry.stop()
+        # Engines stop in parallel: each vLLM engine takes seconds to tear its processes down.
+        await asyncio.gather(*(e.stop() for e in self.entries), return_exceptions=True)

@@ -1,12 +1,16 @@
-"""POST /v1/chat/completions: route to the model's vLLM engine, hold a slot for the whole reply.
+"""POST /v1/chat/completions and the legacy POST /v1/completions on the chat models' vLLM
+engines; a slot is held for the whole reply, streams included.
 
-The quota reservation happens inside the engine call, once vLLM has rendered the prompt and
-its true size is known, and before any token is generated (the prompt hook).
+Images are checked (vision models only) before admission and fetched or decoded after it, so
+vLLM only ever sees inline data: URLs. The quota reservation happens inside the engine call,
+once vLLM has rendered the prompt and its true size is known, and before any token is
+generated (the prompt hook).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -15,21 +19,35 @@ from node.api.common import admit, read_json, stream_with_permit
 from node.billing import Bill, bill_of
 from node.config import ModelKind
 from node.engines.base import ChatResult
-from node.errors import NodeError
-from node.registry import Registry
+from node.errors import InvalidRequest, NodeError
+from node.images import count_images, inline_images
+from node.registry import ModelEntry, Registry
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def chat_completions(request: Request) -> Response:
+    return await _generate(request, chat=True)
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, chat=False)
+
+
+async def _generate(request: Request, *, chat: bool) -> Response:
     registry: Registry = request.app.state.registry
     bill = bill_of(request)
     body = await read_json(request)
     entry = registry.resolve(body.get("model"), ModelKind.CHAT)
     engine = entry.require_ready()
+    images = _count_images(body, entry) if chat else 0
     permit = await admit(entry)
     try:
-        result = await engine.chat(body, on_prompt=lambda p, m: bill.reserve(p + m))
+        if images:
+            policy = request.app.state.image_policy
+            body = {**body, "messages": await inline_images(body["messages"], policy)}
+        run = engine.chat if chat else engine.complete
+        result = await run(body, on_prompt=lambda p, m: bill.reserve(p + m))
     except BaseException as exc:
         permit.release()
         await bill.settle(0)
@@ -45,6 +63,20 @@ async def chat_completions(request: Request) -> Response:
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
+
+
+def _count_images(body: dict[str, Any], entry: ModelEntry) -> int:
+    """Images in the messages; 400 naming the model if it has no vision."""
+    messages = body.get("messages")
+    images = count_images(messages) if isinstance(messages, list) else 0
+    if images and not entry.spec.vision:
+        raise InvalidRequest(
+            f"The model '{entry.spec.name}' does not accept images; send them to a vision "
+            "model (gemma4:31b).",
+            param="messages",
+            code="image_not_supported",
+        )
+    return images
 
 
 async def _settled(

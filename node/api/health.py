@@ -18,7 +18,7 @@ async def live(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     registry: Registry = request.app.state.registry
-    ok = registry.all_ready and not request.app.state.draining
+    ok = registry.all_ready and not request.app.state.drain.draining
     body = {"status": "ready" if ok else "not_ready", "models": _models(registry)}
     return JSONResponse(body, status_code=200 if ok else 503)
 

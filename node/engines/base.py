@@ -71,6 +71,10 @@ class ChatEngine(Engine, Protocol):
         self, body: dict[str, Any], on_prompt: PromptHook | None = None
     ) -> ChatResult: ...
 
+    async def complete(
+        self, body: dict[str, Any], on_prompt: PromptHook | None = None
+    ) -> ChatResult: ...
+
 
 class EmbeddingEngine(Engine, Protocol):
     def count_tokens(self, texts: list[str]) -> list[int]: ...

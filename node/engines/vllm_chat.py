@@ -67,6 +67,7 @@ class VllmChatEngine:
         self.spec = spec
         self._llm: Any = None
         self._chat: Any = None
+        self._completion: Any = None
 
     async def start(self) -> None:
         from starlette.datastructures import State
@@ -94,9 +95,11 @@ class VllmChatEngine:
         state = State()
         await init_app_state(self._llm, state, args, await self._llm.get_supported_tasks())
         self._chat = state.openai_serving_chat
-        self._guard_context_window(self._chat)
+        self._completion = state.openai_serving_completion
+        self._guard_context_window(self._chat, "render_chat_request")
+        self._guard_context_window(self._completion, "render_completion_request")
 
-    def _guard_context_window(self, serving: Any) -> None:
+    def _guard_context_window(self, serving: Any, method: str) -> None:
         """Check each rendered prompt before generation: the window, then the request's hook.
 
         vLLM refuses a prompt longer than the window but shortens an oversized max_tokens; the
@@ -104,16 +107,19 @@ class VllmChatEngine:
         the prompt length is the one the engine will see (template and image tokens included),
         and the hook (quota reservation) learns the true prompt size before any token is made.
         """
-        render = serving.render_chat_request
+        render = getattr(serving, method)
         window = self.spec.context_window
         default = self.spec.default_max_tokens or window
 
         async def checked_render(request: Any) -> Any:
             result = await render(request)
-            if not isinstance(result, tuple):
-                return result
-            requested = request.max_completion_tokens or request.max_tokens
-            prompt = sum(serving._extract_prompt_len(i) for i in result[1])
+            # chat renders (conversation, inputs); completions render the inputs alone
+            inputs = result[1] if isinstance(result, tuple) else result
+            if not isinstance(inputs, list):
+                return result  # an ErrorResponse: vLLM reports it
+            requested = _requested_max_tokens(request)
+            prompts = [serving._extract_prompt_len(i) for i in inputs]
+            prompt = max(prompts, default=0)
             if requested is not None and prompt + requested > window:
                 raise ContextLengthExceeded(
                     f"This model's context window is {window} tokens; the prompt has {prompt} "
@@ -124,33 +130,68 @@ class VllmChatEngine:
             hook = _prompt_hook.get()
             if hook is not None:
                 n = request.n or 1
-                budget = requested if requested is not None else min(default, window - prompt)
-                await hook(prompt, budget * n)
+                budget = sum(
+                    (requested if requested is not None else min(default, window - p)) * n
+                    for p in prompts
+                )
+                await hook(sum(prompts), budget)
             return result
 
-        serving.render_chat_request = checked_render
+        setattr(serving, method, checked_render)
 
     @property
     def dead(self) -> bool:
         return self._llm is not None and bool(getattr(self._llm, "errored", False))
 
+    @property
+    def running_requests(self) -> int:
+        """Requests the engine is still working on (aborted ones leave this count)."""
+        return 0 if self._llm is None else self._llm.output_processor.get_num_unfinished_requests()
+
+    @property
+    def pids(self) -> list[int]:
+        """The engine core process(es), for operators (and the restart test)."""
+        try:
+            manager = self._llm.engine_core.resources.engine_manager
+            return [p.pid for p in manager.processes if p.pid]
+        except AttributeError:
+            return []
+
     async def chat(self, body: dict[str, Any], on_prompt: PromptHook | None = None) -> ChatResult:
-        from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        return await self._run(
+            ChatCompletionRequest, body, on_prompt, self._chat.create_chat_completion
+        )
+
+    async def complete(
+        self, body: dict[str, Any], on_prompt: PromptHook | None = None
+    ) -> ChatResult:
+        """Legacy text completions (POST /v1/completions) on the same engine."""
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        return await self._run(
+            CompletionRequest, body, on_prompt, self._completion.create_completion
+        )
+
+    async def _run(
+        self, model: Any, body: dict[str, Any], on_prompt: PromptHook | None, create: Any
+    ) -> ChatResult:
+        from pydantic import ValidationError
+        from vllm.entrypoints.openai.chat_completion.protocol import StreamOptions
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
+        refuse_unknown_fields(body, model)
         try:
-            request = ChatCompletionRequest.model_validate(body)
+            request = model.model_validate(body)
         except ValidationError as exc:
             raise invalid_from_validation(exc) from None
         wants_usage = UsageWish.of(request)
         if request.stream:
             # Usage in every chunk, so a stream cut short still knows what it produced; the
             # node strips what the client did not ask for.
-            from vllm.entrypoints.openai.chat_completion.protocol import StreamOptions
-
             request.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=True)
-        requested = request.max_completion_tokens or request.max_tokens
+        requested = _requested_max_tokens(request)
         if requested is not None and requested >= self.spec.context_window:
             raise ContextLengthExceeded(
                 f"max_tokens asks for {requested} tokens, but this model's context window is "
@@ -159,7 +200,7 @@ class VllmChatEngine:
             )
         token = _prompt_hook.set(on_prompt)
         try:
-            result = await self._chat.create_chat_completion(request, None)
+            result = await create(request, None)
         except NodeError:
             raise
         except Exception as exc:
@@ -184,6 +225,10 @@ class VllmChatEngine:
         """
         try:
             async for chunk in chunks:
+                if chunk.startswith('data: {"error"'):
+                    # vLLM catches failures inside its generator and sends them as an event
+                    # with an integer code; the node re-raises them in its own shape.
+                    raise self._stream_error(json.loads(chunk[6:])["error"])
                 shown = track_usage(chunk, out.usage, wants)
                 if shown:
                     yield shown
@@ -194,11 +239,22 @@ class VllmChatEngine:
         finally:
             await _aclose(chunks)
 
+    def _stream_error(self, err: dict[str, Any]) -> NodeError:
+        status = int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500
+        message = str(err.get("message", ""))
+        if self.dead or "EngineCore" in message or "EngineDead" in message:
+            return EngineDead(f"The engine of {self.spec.name} stopped; it is being restarted.")
+        if 400 <= status < 500:
+            return InvalidRequest(message, param=err.get("param"))
+        log.error("engine %s failed mid-stream: %s", self.spec.name, message)
+        return EngineError("Generation failed inside the engine.")
+
     def _translate(self, exc: Exception) -> NodeError:
         """vLLM's own classification of an exception (client 4xx or server 5xx), as NodeError."""
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+        from vllm.v1.engine.exceptions import EngineDeadError
 
-        if self.dead:
+        if self.dead or isinstance(exc, EngineDeadError):
             return EngineDead(f"The engine of {self.spec.name} stopped; it is being restarted.")
         err = create_error_response(exc)
         if int(err.error.code) < 500 or int(err.error.code) == 501:
@@ -210,6 +266,11 @@ class VllmChatEngine:
         if self._llm is not None:
             llm, self._llm = self._llm, None
             await asyncio.to_thread(llm.shutdown)
+
+
+def _requested_max_tokens(request: Any) -> int | None:
+    explicit = getattr(request, "max_completion_tokens", None)
+    return explicit if explicit is not None else request.max_tokens
 
 
 class UsageWish:
@@ -249,6 +310,25 @@ async def _aclose(gen: Any) -> None:
     close = getattr(gen, "aclose", None)
     if close is not None:
         await close()
+
+
+# Fields the openai SDK may send that change nothing about the result: accepted and ignored.
+HARMLESS_FIELDS = frozenset(
+    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+)
+
+
+def refuse_unknown_fields(body: dict[str, Any], model: Any) -> None:
+    """400 naming a parameter vLLM does not know, instead of silently ignoring it (vLLM's own
+    models accept and drop extra fields), since ignoring it could change what the client gets."""
+    known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+    unknown = sorted(set(body) - known - HARMLESS_FIELDS)
+    if unknown:
+        raise InvalidRequest(
+            f"Unsupported parameter{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}.",
+            param=unknown[0],
+            code="unsupported_parameter",
+        )
 
 
 def invalid_from_validation(exc: Any) -> InvalidRequest:

@@ -1,4 +1,8 @@
-"""One real node for the whole session, driven with the official openai SDK."""
+"""One real node for the whole session, driven with the official openai SDK.
+
+The session's node is stopped with SIGTERM by the last test module (test_zz_shutdown.py),
+which checks the graceful stop; the fixture's teardown only cleans up after it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -22,11 +27,24 @@ def _models_dir() -> str:
 @pytest.fixture(scope="session")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     workdir = tmp_path_factory.mktemp("node")
-    proc = NodeProcess(
-        workdir, ROOT / "models.standin.yaml", env={"STAIK_MODELS_DIR": _models_dir()}
-    )
+    env = {
+        "STAIK_MODELS_DIR": _models_dir(),
+        # The operator allow-list: lets the vision test serve an image from loopback.
+        "STAIK_IMAGE_ALLOWED_HOSTS": "localhost",
+    }
+    proc = NodeProcess(workdir, ROOT / "models.standin.yaml", env=env)
+    # Agent Pro: 1,000,000 tokens per hour, room for the whole session.
+    proc.key = proc.create_key("--plan", "agent-pro", "--name", "e2e")
     proc.start()
     try:
+        proc.wait_listening()
+        # The HTTP server answers before the chat engines are loaded: remember what it said.
+        proc.early_answer = httpx.post(
+            proc.base_url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {proc.key}"},
+            json={"model": "qwen3.5:9b", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
         proc.wait_ready()
         yield proc
     finally:
@@ -35,8 +53,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
 
 @pytest.fixture(scope="session")
 def api_key(node: NodeProcess) -> str:
-    """A key with room for the whole session (Agent Pro: 1,000,000 tokens per hour)."""
-    return node.create_key("--plan", "agent-pro", "--name", "e2e")
+    return node.key
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,8 @@ class NodeProcess:
         }
         self.models_file = models_file
         self.proc: subprocess.Popen[bytes] | None = None
+        self.key = ""
+        self.early_answer: httpx.Response | None = None
 
     def start(self) -> None:
         log = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the process's life
@@ -93,6 +95,16 @@ class NodeProcess:
 
     def create_key(self, *args: str) -> str:
         return self.cli("keys", "create", *args).stdout.strip()
+
+    def model(self, name: str) -> dict:
+        """The model's card from /v1/models (state, slots, engine requests and pids)."""
+        r = httpx.get(
+            self.base_url + f"/v1/models/{name}",
+            headers={"Authorization": f"Bearer {self.key}"},
+            timeout=10,
+        )
+        r.raise_for_status()
+        return r.json()
 
     def tail(self, n: int = 60) -> str:
         try:

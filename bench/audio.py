@@ -1,0 +1,208 @@
+"""Transcription: the node against in-process faster-whisper (same folder, compute type and
+beam size) on espeak-ng speech; the long clip also sequential against the batched pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import procs
+from bench.config import MODELS, BenchConfig
+from bench.rows import Row, bars_of, compare_row, value_row
+from bench.stats import summary
+
+LANGUAGE = "sv"
+SHORT = "Hej, det här är ett test av transkriberingstjänsten. Vädret i Stockholm är kallt idag."
+SENTENCES = [
+    SHORT,
+    "Regeringen presenterade i dag en ny budget för skolan och vården.",
+    "Tåget mot Göteborg är försenat på grund av snö och kyla.",
+    "Forskarna vid universitetet har mätt hur elpriset påverkas av vintern.",
+    "Mötet börjar klockan nio och slutar strax efter lunch.",
+    "Företaget anställer tjugo nya utvecklare under våren.",
+    "Det blåser kraftigt längs kusten och färjorna står stilla.",
+    "Biblioteket har öppet till klockan åtta varje vardag.",
+]
+
+
+def _run(argv: list[str]) -> None:
+    subprocess.run(argv, check=True, capture_output=True, timeout=300)
+
+
+def duration_s(path: Path) -> float:
+    out = subprocess.run(["soxi", "-D", str(path)], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip())
+
+
+def make_clips(folder: Path, long_s: float) -> dict[str, Path]:
+    """short.wav: one sentence (about 5 s); long.wav: the sentences, with a pause after each,
+    concatenated with sox until ``long_s`` seconds. Both 16 kHz mono 16-bit WAV."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i, text in enumerate(SENTENCES):
+        raw = folder / f"s{i}.raw.wav"
+        part = folder / f"s{i}.wav"
+        _run(["espeak-ng", "-v", LANGUAGE, "-w", str(raw), text])
+        _run(["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(part), "pad", "0", "0.4"])
+        parts.append(part)
+    short = folder / "short.wav"
+    _run(["sox", str(folder / "s0.raw.wav"), "-r", "16000", "-c", "1", "-b", "16", str(short)])
+    block = folder / "block.wav"
+    _run(["sox", *map(str, parts), str(block)])
+    repeats = max(1, int(long_s // duration_s(block)) + 1)
+    long = folder / "long.wav"
+    _run(["sox", *[str(block)] * repeats, str(long), "trim", "0", f"{long_s:.3f}"])
+    return {"short": short, "long": long}
+
+
+def transcribe_node(url: str, key: str, clip: Path, timeout_s: float) -> dict[str, Any]:
+    data = clip.read_bytes()
+    t0 = time.perf_counter()
+    r = httpx.post(
+        url + "/v1/audio/transcriptions",
+        headers={"Authorization": f"Bearer {key}"},
+        data={"model": "kb-whisper-large", "language": LANGUAGE, "response_format": "json"},
+        files={"file": (clip.name, data, "audio/wav")},
+        timeout=timeout_s,
+    )
+    wall = time.perf_counter() - t0
+    if r.status_code != 200:
+        return {"wall_s": wall, "rtfx": None, "error": f"{r.status_code}: {r.text[:300]}"}
+    audio_s = float(r.headers.get("X-Audio-Duration-Seconds", "nan"))
+    return {"wall_s": wall, "audio_s": audio_s, "rtfx": audio_s / wall, "text": r.json()["text"]}
+
+
+def run_transcription(
+    cfg: BenchConfig, env: dict[str, str], workdir: Path, logs: Path
+) -> dict[str, Any]:
+    from node.config import load_models
+
+    (spec,) = load_models((MODELS / "transcription.yaml").read_text(), procs.models_dir(env))
+    clips = make_clips(workdir / "clips", cfg.long_clip_s)
+    lengths = {name: duration_s(path) for name, path in clips.items()}
+    print(f"  clips: {', '.join(f'{k} {v:.1f} s' for k, v in lengths.items())}", flush=True)
+    job = {
+        "path": spec.path,
+        "engine": spec.engine,
+        "language": LANGUAGE,
+        "clips": {k: str(v) for k, v in clips.items()},
+        "reps": cfg.reps,
+        "batch_size": cfg.whisper_batch_size,
+    }
+    (workdir / "whisper-job.json").write_text(json.dumps(job))
+    out = workdir / "whisper-inproc.json"
+    argv = [procs.PYTHON, "-m", "bench.inproc", "whisper", str(workdir / "whisper-job.json")]
+    budget = 600 + 6 * cfg.reps * lengths["long"]  # generous: RTFx well below 1 still finishes
+    procs.run_bounded(argv + [str(out)], env, budget, log_path=logs / "whisper-inproc.log")
+    inproc = json.loads(out.read_text())["reps"]
+    for rep, r in enumerate(inproc):
+        shown = {k: round(v["rtfx"], 2) for k, v in r.items()}
+        print(f"  transcription in-process rep {rep}: RTFx {shown}", flush=True)
+
+    node_runs: list[dict[str, Any]] = []
+    node_env = {**env, "STAIK_DB_PATH": str(workdir / "whisper-node.sqlite3")}
+    key = procs.create_key(node_env)
+    with procs.node_server(MODELS / "transcription.yaml", node_env, logs / "whisper-node.log") as n:
+        n.start("/health/ready", cfg.server_start_timeout_s)
+        print(f"  transcription node ready in {n.ready_s:.0f} s", flush=True)
+        transcribe_node(n.base_url, key, clips["short"], 120)  # warm-up, as in-process had
+        for rep in range(cfg.reps):
+            run = {
+                name: transcribe_node(n.base_url, key, path, 60 + 6 * lengths[name])
+                for name, path in clips.items()
+            }
+            node_runs.append(run)
+            shown = {k: v["rtfx"] and round(v["rtfx"], 2) for k, v in run.items()}
+            print(f"  transcription node rep {rep}: RTFx {shown}", flush=True)
+    return _report(cfg, lengths, inproc, node_runs, n.ready_s)
+
+
+def _report(
+    cfg: BenchConfig,
+    lengths: dict[str, float],
+    inproc: list[dict[str, Any]],
+    node_runs: list[dict[str, Any]],
+    ready_s: float,
+) -> dict[str, Any]:
+    def of(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+        return summary([r[key].get("rtfx") for r in runs])
+
+    seq_short, seq_long = of(inproc, "short_sequential"), of(inproc, "long_sequential")
+    rows: list[Row] = [
+        compare_row(
+            "rtfx",
+            f"short {lengths['short']:.0f} s",
+            "audio s / wall s",
+            ("node", of(node_runs, "short")),
+            ("in-process sequential", seq_short),
+            ("node/in-process >= 0.95", lambda r: r >= 0.95),
+        ),
+        compare_row(
+            "rtfx",
+            f"long {lengths['long']:.0f} s",
+            "audio s / wall s",
+            ("node", of(node_runs, "long")),
+            ("in-process sequential", seq_long),
+            ("node/in-process sequential > 1.00", lambda r: r > 1.0),
+        ),
+        compare_row(
+            "rtfx",
+            f"long {lengths['long']:.0f} s",
+            "audio s / wall s",
+            ("in-process batched", of(inproc, "long_batched")),
+            ("in-process sequential", seq_long),
+            ("batched/sequential > 1.00", lambda r: r > 1.0),
+        ),
+    ]
+    errors = [f"{k}: {v['error']}" for r in node_runs for k, v in r.items() if v.get("error")]
+    rows.append(value_row("failed", "all", "requests", ("node", summary([len(errors)])), None))
+    same = {
+        name: all(
+            r[name].get("text") == i[f"{name}_sequential"]["text"]
+            for r, i in zip(node_runs, inproc, strict=False)
+        )
+        for name in ("short", "long")
+    }
+    sample = {
+        "node": node_runs[0]["short"].get("text"),
+        "in_process": inproc[0]["short_sequential"]["text"],
+    }
+    for run in [*node_runs, *inproc]:  # keep the JSON small: the long transcripts are long
+        for item in run.values():
+            if isinstance(item.get("text"), str):
+                item["text"] = item["text"][:160]
+    return {
+        "peer": "in-process faster-whisper",
+        "settings": {
+            "clips_s": lengths,
+            "language": LANGUAGE,
+            "in_process_batched": f"BatchedInferencePipeline, batch_size {cfg.whisper_batch_size}, "
+            "vad_filter=True (required over 30 s)",
+            "sequential": "WhisperModel.transcribe, vad_filter=False (as the node)",
+        },
+        "ready_s": {"node": ready_s},
+        "runs": {"node": node_runs, "in_process": inproc},
+        "node_errors": errors,
+        "same_text_as_in_process": same,
+        "sample_text": sample,
+        "rows": rows,
+        "series": [],
+        "bars": [
+            bars_of(
+                "transcription_rtfx.png",
+                "Transcription: real-time factor (audio s / wall s, higher is faster)",
+                "audio s / wall s",
+                {
+                    "node": [of(node_runs, "short"), of(node_runs, "long")],
+                    "in-process sequential": [seq_short, seq_long],
+                    "in-process batched": [{}, of(inproc, "long_batched")],
+                },
+                [f"short {lengths['short']:.0f} s", f"long {lengths['long']:.0f} s"],
+            )
+        ],
+    }

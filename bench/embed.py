@@ -1,0 +1,254 @@
+"""Embeddings: the node under concurrent single-input requests against the in-process ceiling
+(SentenceTransformer.encode on the same texts at its best batch size)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import procs
+from bench.config import MODELS, BenchConfig
+from bench.rows import Row, Series, compare_row, series_of, value_row
+from bench.stats import percentile, summary
+
+WORDS = [
+    "Stockholm",
+    "Göteborg",
+    "Malmö",
+    "regeringen",
+    "budget",
+    "skatt",
+    "skola",
+    "vården",
+    "forskning",
+    "klimatet",
+    "energi",
+    "elpris",
+    "vinter",
+    "sommar",
+    "tåget",
+    "bussen",
+    "cykel",
+    "arbetet",
+    "lönen",
+    "bostad",
+    "hyra",
+    "marknaden",
+    "företaget",
+    "kunder",
+    "tjänsten",
+    "säkerhet",
+    "data",
+    "modell",
+    "språk",
+    "svenska",
+    "engelska",
+    "nyheter",
+    "the",
+    "council",
+    "decided",
+    "to",
+    "invest",
+    "in",
+    "new",
+    "rail",
+    "lines",
+    "and",
+    "cheaper",
+    "housing",
+    "for",
+    "students",
+    "while",
+    "researchers",
+    "measured",
+    "the",
+    "effect",
+    "of",
+    "cold",
+    "weather",
+    "on",
+    "energy",
+    "prices",
+    "and",
+    "demand",
+]
+MODEL = "bge-m3:latest"
+
+
+def make_texts(n: int, seed: int = 0) -> list[str]:
+    """Deterministic sentences of 8 to 40 words (well inside the model's 256-token window)."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(8, 40))]
+        texts.append(" ".join(words).capitalize() + ".")
+    return texts
+
+
+async def drive_node(url: str, key: str, texts: list[str], conc: int) -> dict[str, Any]:
+    """``conc`` clients share the texts, one text per request; texts/s and latency per request."""
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    headers = {"Authorization": f"Bearer {key}"}
+    latencies: list[float] = []
+    errors: list[int] = []
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=120, limits=limits
+    ) as client:
+
+        async def one(text: str) -> None:
+            body = {"model": MODEL, "input": text, "encoding_format": "base64"}
+            t0 = time.perf_counter()
+            r = await client.post("/v1/embeddings", json=body)
+            await r.aread()
+            if r.status_code == 200:
+                latencies.append((time.perf_counter() - t0) * 1000)
+            else:
+                errors.append(r.status_code)
+
+        await asyncio.gather(*(one(t) for t in texts[:conc]))  # open connections, warm up
+        latencies.clear()
+        errors.clear()
+        todo = iter(texts)
+
+        async def worker() -> None:
+            for text in todo:  # one shared iterator: each text is sent once
+                await one(text)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        wall = time.perf_counter() - t0
+    return {
+        "texts_s": len(latencies) / wall,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "errors": len(errors),
+        "error_codes": sorted(set(errors)),
+    }
+
+
+def run_embeddings(
+    cfg: BenchConfig, env: dict[str, str], workdir: Path, logs: Path
+) -> dict[str, Any]:
+    from node.config import load_models
+
+    (spec,) = load_models((MODELS / "embeddings.yaml").read_text(), procs.models_dir(env))
+    texts = make_texts(cfg.embed_texts)
+    job = {
+        "path": spec.path,
+        "max_seq_length": spec.context_window,
+        "texts": texts,
+        "reps": cfg.reps,
+        "batch_sizes": list(cfg.embed_batch_sizes),
+        "single_samples": cfg.embed_single_samples,
+    }
+    (workdir / "embed-job.json").write_text(json.dumps(job))
+    out = workdir / "embed-inproc.json"
+    argv = [procs.PYTHON, "-m", "bench.inproc", "embeddings", str(workdir / "embed-job.json")]
+    procs.run_bounded(argv + [str(out)], env, 900, log_path=logs / "embed-inproc.log")
+    ceiling = json.loads(out.read_text())["reps"]
+    for rep, r in enumerate(ceiling):
+        print(
+            f"  embeddings in-process rep {rep}: {r['texts_s']:.0f} texts/s at batch "
+            f"{r['best_batch']}, single encode p50 {r['single_p50_ms']:.1f} ms",
+            flush=True,
+        )
+
+    node_runs: dict[int, list[dict[str, Any]]] = {c: [] for c in cfg.embed_concurrency}
+    node_env = {**env, "STAIK_DB_PATH": str(workdir / "embed-node.sqlite3")}
+    key = procs.create_key(node_env)
+    with procs.node_server(MODELS / "embeddings.yaml", node_env, logs / "embed-node.log") as node:
+        node.start("/health/ready", cfg.server_start_timeout_s)
+        print(f"  embeddings node ready in {node.ready_s:.0f} s", flush=True)
+        for rep in range(cfg.reps):
+            for conc in cfg.embed_concurrency:
+                run = asyncio.run(drive_node(node.base_url, key, texts, conc))
+                node_runs[conc].append(run)
+                print(
+                    f"  embeddings node c={conc:<3d} rep {rep}: {run['texts_s']:.0f} texts/s, "
+                    f"p50 {run['p50_ms']:.1f} ms, errors {run['errors']}",
+                    flush=True,
+                )
+    return _report(cfg, ceiling, node_runs, node.ready_s)
+
+
+def _report(
+    cfg: BenchConfig,
+    ceiling: list[dict[str, Any]],
+    node_runs: dict[int, list[dict[str, Any]]],
+    ready_s: float,
+) -> dict[str, Any]:
+    concs = list(cfg.embed_concurrency)
+    ceil_tps = summary([r["texts_s"] for r in ceiling])
+    ceil_p50 = summary([r["single_p50_ms"] for r in ceiling])
+    rows: list[Row] = []
+    node_tps = {c: summary([r["texts_s"] for r in node_runs[c]]) for c in concs}
+    node_p50 = {c: summary([r["p50_ms"] for r in node_runs[c]]) for c in concs}
+    node_p99 = {c: summary([r["p99_ms"] for r in node_runs[c]]) for c in concs}
+    for c in concs:
+        target = ("node/ceiling >= 0.80", lambda r: r >= 0.8) if c >= 64 else None
+        rows.append(
+            compare_row(
+                "texts_s", f"c={c}", "texts/s", ("node", node_tps[c]),
+                ("in-process best batch", ceil_tps), target,
+            )
+        )  # fmt: skip
+    for c in concs:
+        rows.append(
+            compare_row(
+                "latency_p50_ms", f"c={c}", "ms", ("node", node_p50[c]),
+                ("in-process single encode", ceil_p50),
+            )
+        )  # fmt: skip
+    first = min(concs)
+    added = summary(
+        [
+            n["p50_ms"] - i["single_p50_ms"]
+            for n, i in zip(node_runs[first], ceiling, strict=False)
+            if n["p50_ms"] is not None
+        ]
+    )
+    rows.append(
+        value_row(
+            "added_latency_p50_ms", f"c={first}", "ms", ("node - in-process", added),
+            ("< 2 ms", lambda v: v < 2.0),
+        )
+    )  # fmt: skip
+    errors = summary([sum(r["errors"] for r in node_runs[c]) for c in concs])
+    rows.append(value_row("failed", "all", "requests", ("node", errors), None))
+    series: list[Series] = [
+        series_of(
+            "embeddings_throughput.png",
+            "Embeddings: texts/s vs concurrency (single-input requests)",
+            "texts/s",
+            concs,
+            {"node": [node_tps[c] for c in concs]},
+            {"in-process ceiling": ceil_tps["median"]},
+        ),
+        series_of(
+            "embeddings_latency.png",
+            "Embeddings: request latency vs concurrency",
+            "latency (ms)",
+            concs,
+            {"node p50": [node_p50[c] for c in concs], "node p99": [node_p99[c] for c in concs]},
+            {"in-process single encode p50": ceil_p50["median"]},
+        ),
+    ]
+    return {
+        "peer": "in-process SentenceTransformer.encode",
+        "settings": {
+            "texts": cfg.embed_texts,
+            "concurrency": concs,
+            "batch_sizes": list(cfg.embed_batch_sizes),
+            "encoding_format": "base64 (the openai SDK's default)",
+        },
+        "ready_s": {"node": ready_s},
+        "runs": {"node": node_runs, "in_process": ceiling},
+        "rows": rows,
+        "series": series,
+    }

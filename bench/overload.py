@@ -1,0 +1,215 @@
+"""Overload: a chat model of S slots under 10 x S concurrent clients against S clients.
+
+Each client loops for a fixed time: one non-streaming chat request (fixed output length), then
+the next. A client answered 429 waits what the node's ``retry-after-ms`` says (as the openai SDK
+does; ``--overload-retry-ms`` overrides it with a fixed pause) and tries again. Measured: the
+latency of the 429 answers, and the output tokens/s of the admitted requests, against the same
+loop with only S clients (no excess).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench import procs
+from bench.config import MODELS, BenchConfig
+from bench.rows import Row, bars_of, compare_row, value_row
+from bench.stats import percentile, summary
+
+MODEL = "qwen3.5:9b"
+PROMPT = (
+    "Write a short note for a colleague about the train to Gothenburg: it leaves at nine, "
+    "the meeting starts after lunch, and the budget for the trip was approved yesterday."
+)
+
+
+async def drive(
+    url: str, key: str, clients: int, duration_s: float, max_tokens: int, retry_ms: int | None
+) -> dict[str, Any]:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    tokens = 0
+    admitted: list[float] = []
+    refused: list[float] = []
+    codes: Counter[str] = Counter()
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as c:
+        start = time.perf_counter()
+        deadline = start + duration_s
+
+        async def client() -> None:
+            nonlocal tokens
+            while (now := time.perf_counter()) < deadline:
+                r = await c.post("/v1/chat/completions", json=body)
+                ms = (time.perf_counter() - now) * 1000
+                if r.status_code == 200:
+                    tokens += int(r.json()["usage"]["completion_tokens"])
+                    admitted.append(ms)
+                    continue
+                code = _error_code(r)
+                codes[f"{r.status_code} {code}"] += 1
+                if r.status_code != 429:
+                    await asyncio.sleep(0.05)
+                    continue
+                refused.append(ms)
+                pause = _retry_s(r) if retry_ms is None else retry_ms / 1000
+                await asyncio.sleep(max(0.0, min(pause, deadline - time.perf_counter())))
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall = time.perf_counter() - start
+    return {
+        "clients": clients,
+        "wall_s": wall,
+        "admitted_tok_s": tokens / wall,
+        "admitted": len(admitted),
+        "admitted_p50_ms": percentile(admitted, 50),
+        "refused": len(refused),
+        "refused_per_s": len(refused) / wall,
+        "refused_p50_ms": percentile(refused, 50),
+        "refused_p99_ms": percentile(refused, 99),
+        "errors": dict(codes),
+    }
+
+
+def _error_code(r: httpx.Response) -> str:
+    try:
+        return str(r.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "?"
+
+
+def _retry_s(r: httpx.Response) -> float:
+    """What openai-python waits: retry-after-ms, else retry-after seconds (1 s if neither)."""
+    try:
+        if "retry-after-ms" in r.headers:
+            return float(r.headers["retry-after-ms"]) / 1000
+        return float(r.headers.get("retry-after", "1"))
+    except ValueError:
+        return 1.0
+
+
+def run_overload(
+    cfg: BenchConfig, env: dict[str, str], workdir: Path, logs: Path
+) -> dict[str, Any]:
+    from node.config import load_models
+
+    (spec,) = load_models((MODELS / "overload.yaml").read_text(), procs.models_dir(env))
+    slots = spec.slots
+    node_env = {**env, "STAIK_DB_PATH": str(workdir / "overload-node.sqlite3")}
+    key = procs.create_key(node_env)
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "overload": []}
+    loads = {"baseline": slots, "overload": cfg.overload_factor * slots}
+    with procs.node_server(MODELS / "overload.yaml", node_env, logs / "overload-node.log") as n:
+        n.start("/health/ready", cfg.server_start_timeout_s)
+        print(f"  overload node ready in {n.ready_s:.0f} s (S = {slots} slots)", flush=True)
+        args = (n.base_url, key)
+        asyncio.run(drive(*args, slots, 1.0, cfg.overload_max_tokens, None))  # warm-up
+        for rep in range(cfg.reps):
+            for name, clients in loads.items():
+                run = asyncio.run(
+                    drive(
+                        *args,
+                        clients,
+                        cfg.overload_duration_s,
+                        cfg.overload_max_tokens,
+                        cfg.overload_retry_ms,
+                    )
+                )
+                runs[name].append(run)
+                p99 = run["refused_p99_ms"]
+                print(
+                    f"  overload {name:8s} {clients:3d} clients rep {rep}: "
+                    f"{run['admitted_tok_s']:.1f} tok/s admitted, {run['refused']} x 429"
+                    + (f" (p99 {p99:.1f} ms)" if p99 is not None else "")
+                    + f", errors {run['errors']}",
+                    flush=True,
+                )
+    return _report(cfg, slots, loads, runs, n.ready_s)
+
+
+def _report(
+    cfg: BenchConfig,
+    slots: int,
+    loads: dict[str, int],
+    runs: dict[str, list[dict[str, Any]]],
+    ready_s: float,
+) -> dict[str, Any]:
+    def of(name: str, key: str) -> dict[str, Any]:
+        return summary([r[key] for r in runs[name]])
+
+    at = f"S={slots}, {loads['overload']} vs {loads['baseline']} clients"
+    rows: list[Row] = [
+        compare_row(
+            "admitted_tok_s",
+            at,
+            "tok/s",
+            ("with 10x excess", of("overload", "admitted_tok_s")),
+            ("without excess", of("baseline", "admitted_tok_s")),
+            ("excess/no excess >= 0.95", lambda r: r >= 0.95),
+        ),
+        value_row("latency_429_p50_ms", at, "ms", ("node", of("overload", "refused_p50_ms")), None),
+        value_row(
+            "latency_429_p99_ms",
+            at,
+            "ms",
+            ("node", of("overload", "refused_p99_ms")),
+            ("< 5 ms", lambda v: v < 5.0),
+        ),
+        value_row("refused_per_s", at, "429/s", ("node", of("overload", "refused_per_s")), None),
+        value_row(
+            "429_in_baseline", f"{loads['baseline']} clients", "requests",
+            ("node", of("baseline", "refused")), None,
+        ),
+    ]  # fmt: skip
+    return {
+        "peer": "the same load without the excess",
+        "settings": {
+            "slots": slots,
+            "clients": loads,
+            "duration_s": cfg.overload_duration_s,
+            "max_tokens": cfg.overload_max_tokens,
+            "retry": "node's retry-after-ms"
+            if cfg.overload_retry_ms is None
+            else f"fixed {cfg.overload_retry_ms} ms",
+        },
+        "ready_s": {"node": ready_s},
+        "runs": runs,
+        "rows": rows,
+        "series": [],
+        "bars": [
+            bars_of(
+                "overload_throughput.png",
+                f"Overload: admitted output tokens/s, S={slots} slots",
+                "output tokens/s",
+                {
+                    f"{loads['baseline']} clients": [of("baseline", "admitted_tok_s")],
+                    f"{loads['overload']} clients": [of("overload", "admitted_tok_s")],
+                },
+                ["admitted throughput"],
+            ),
+            bars_of(
+                "overload_429_latency.png",
+                f"Overload: latency of the 429 answers, {loads['overload']} clients",
+                "ms",
+                {
+                    "429 answers": [
+                        of("overload", "refused_p50_ms"),
+                        of("overload", "refused_p99_ms"),
+                    ]
+                },
+                ["p50", "p99"],
+            ),
+        ],
+    }

@@ -1,0 +1,189 @@
+"""What apps and agents send: tools, structured output, the SDK's sampling parameters, and
+parameters the node refuses by name, on the real vLLM stand-ins."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import openai
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "qwen3.6:35b-a3b"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Stockholm?"}]
+PARAMS = WEATHER["function"]["parameters"]
+
+
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_forced_tool_call_parses_against_its_schema(client: openai.OpenAI, choice: object) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], tool_choice=choice, max_tokens=60, temperature=0
+    )
+    calls = reply.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), PARAMS)
+
+
+def test_forced_tool_call_streams_as_deltas(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        max_tokens=60,
+        temperature=0,
+        stream=True,
+    )
+    name, args = "", ""
+    for chunk in stream:
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            name += call.function.name or "" if call.function else ""
+            args += call.function.arguments or "" if call.function else ""
+    assert name == "get_weather"
+    jsonschema.validate(json.loads(args), PARAMS)
+
+
+def test_tool_choice_none_answers_in_text(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=20
+    )
+    assert not reply.choices[0].message.tool_calls
+    assert reply.choices[0].message.content
+
+
+def test_json_schema_strict_answer_validates(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["capital", "population"],
+        "additionalProperties": False,
+    }
+    reply = client.chat.completions.create(
+        model=MODEL,
+        max_tokens=80,
+        temperature=0,
+        messages=[{"role": "user", "content": "Give Sweden's capital and its population."}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "city", "schema": schema, "strict": True},
+        },
+    )
+    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
+
+
+def test_json_object_answer_parses(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        max_tokens=200,
+        temperature=0,
+        response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": 'Reply with a JSON object like {"city": "..."}'}],
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+
+
+def test_sdk_sampling_parameters_take_effect(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        n=2,
+        seed=3,
+        temperature=0.7,
+        top_p=0.9,
+        presence_penalty=0.1,
+        frequency_penalty=0.1,
+        logprobs=True,
+        top_logprobs=2,
+        logit_bias={"42": -100},
+        user="e2e",
+        max_completion_tokens=5,
+    )
+    assert len(reply.choices) == 2
+    assert all(c.logprobs and c.logprobs.content for c in reply.choices)
+    assert len(reply.choices[0].logprobs.content[0].top_logprobs) == 2  # type: ignore[union-attr]
+    assert reply.usage and reply.usage.completion_tokens <= 10
+
+
+def test_stop_sequence_stops(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        temperature=0,
+        max_tokens=30,
+        stop=["Stockholm"],
+        messages=[{"role": "user", "content": "What is the capital of Sweden?"}],
+    )
+    assert "Stockholm" not in (reply.choices[0].message.content or "")
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_thinking_can_be_turned_off_per_request(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        max_tokens=5,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    assert reply.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize(
+    "param,value",
+    [
+        ("modalities", ["text", "audio"]),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("web_search_options", {}),
+    ],
+)
+def test_unsupported_parameters_are_400_by_name(
+    client: openai.OpenAI, param: str, value: object
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=5, extra_body={param: value}
+        )
+    assert info.value.code == "unsupported_parameter"
+    assert info.value.param == param
+
+
+def test_legacy_completions(client: openai.OpenAI) -> None:
+    reply = client.completions.create(
+        model=MODEL, prompt="The capital of Sweden is", max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].text and reply.usage and reply.usage.completion_tokens > 0
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="The capital of Sweden is",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == reply.choices[0].text
+    assert chunks[-1].usage and chunks[-1].usage.total_tokens == reply.usage.total_tokens
+
+
+def test_legacy_completions_window_check(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="Hello there, how are you?", max_tokens=8191)
+    assert info.value.code == "context_length_exceeded"

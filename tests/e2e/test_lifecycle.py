@@ -1,0 +1,188 @@
+"""Slots and model lifecycle on the real node: 429 when full, 503 while loading, nothing leaks,
+a killed engine comes back by itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.e2e.node_process import NodeProcess
+
+pytestmark = pytest.mark.e2e
+
+ESSAY = [{"role": "user", "content": "Write a long essay about the history of Sweden."}]
+QUESTION = [{"role": "user", "content": "What is the capital of Sweden?"}]
+
+
+def _auth(node: NodeProcess) -> dict[str, str]:
+    return {"Authorization": f"Bearer {node.key}"}
+
+
+def _wait(predicate, timeout: float, step: float = 0.1) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until ``predicate()`` held; fails after ``timeout``."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, "condition not reached in time"
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+def test_a_loading_model_answered_503_then_serves(node: NodeProcess) -> None:
+    early = node.early_answer
+    assert early is not None and early.status_code == 503
+    assert early.json()["error"]["code"] == "model_loading"
+    assert int(early.headers["Retry-After"]) >= 1 and early.headers["x-should-retry"] == "true"
+    r = httpx.post(
+        node.base_url + "/v1/chat/completions",
+        headers=_auth(node),
+        timeout=60,
+        json={"model": "qwen3.5:9b", "messages": QUESTION, "max_tokens": 10},
+    )
+    assert r.status_code == 200
+
+
+def test_exactly_the_excess_over_the_slots_gets_429(node: NodeProcess) -> None:
+    model, slots, extra = "qwen3.6:35b-a3b", 4, 3
+    assert node.model(model)["slots_total"] == slots
+    barrier = threading.Barrier(slots + extra)
+    results: list[tuple[int, dict[str, str], float]] = []
+
+    def call() -> None:
+        with httpx.Client(timeout=120) as c:
+            barrier.wait()
+            t0 = time.monotonic()
+            r = c.post(
+                node.base_url + "/v1/chat/completions",
+                headers=_auth(node),
+                json={"model": model, "messages": ESSAY, "max_tokens": 64},
+            )
+            results.append((r.status_code, dict(r.headers), time.monotonic() - t0))
+
+    threads = [threading.Thread(target=call) for _ in range(slots + extra)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [r for r in results if r[0] == 429]
+    assert sorted(r[0] for r in results) == [200] * slots + [429] * extra
+    for _, headers, seconds in refused:
+        assert int(headers["retry-after"]) >= 1 and int(headers["retry-after-ms"]) >= 1
+        assert headers["x-should-retry"] == "true"
+        assert seconds < 1.0  # refused at once, not queued
+    assert node.model(model)["slots_in_use"] == 0
+
+
+def test_streams_cut_by_clients_leak_no_slot_and_no_engine_request(node: NodeProcess) -> None:
+    model, total, workers = "qwen3.5:9b", 200, 4
+    rng = random.Random(7)
+    cuts = [rng.randint(0, 12) for _ in range(total)]
+    refused = []
+
+    def worker(mine: list[int]) -> None:
+        with httpx.Client(timeout=60) as c:
+            for cut in mine:
+                body = {"model": model, "messages": ESSAY, "max_tokens": 40, "stream": True}
+                with c.stream(
+                    "POST", node.base_url + "/v1/chat/completions", headers=_auth(node), json=body
+                ) as r:
+                    if r.status_code != 200:
+                        refused.append(r.status_code)
+                        continue
+                    for i, _line in enumerate(r.iter_lines()):
+                        if i >= cut:
+                            break
+
+    threads = [threading.Thread(target=worker, args=(cuts[i::workers],)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not refused  # as many clients as slots: nobody was turned away
+    _wait(lambda: node.model(model)["slots_in_use"] == 0, 10)
+    _wait(lambda: node.model(model)["engine_requests"] == 0, 10)
+
+    # From a client's disconnect to its slot being free again, one stream at a time.
+    waits = []
+    body = {"model": model, "messages": ESSAY, "max_tokens": 40, "stream": True}
+    for _ in range(20):
+        with (
+            httpx.Client(timeout=60) as c,
+            c.stream(
+                "POST", node.base_url + "/v1/chat/completions", headers=_auth(node), json=body
+            ) as r,
+        ):
+            for i, _line in enumerate(r.iter_lines()):
+                if i >= 3:
+                    break
+        waits.append(_wait(lambda: node.model(model)["slots_in_use"] == 0, 10, step=0.002))
+    waits.sort()
+    print(f"disconnect -> slot free: p50 {waits[10] * 1000:.1f} ms, max {waits[-1] * 1000:.1f} ms")
+
+
+def test_killed_engine_errors_its_stream_then_restarts_by_itself(node: NodeProcess) -> None:
+    model = "qwen3.5:9b"
+    card = node.model(model)
+    assert card["state"] == "ready" and card["engine_pids"]
+    restarts = card["restarts"]
+    try:
+        _kill_mid_stream_then_recover(node, model, card["engine_pids"], restarts)
+    finally:  # whatever happened, leave a serving model to the tests after this one
+        _wait(lambda: _restarted(node.model(model), restarts), 300, step=1)
+
+
+def _restarted(card: dict, restarts_before: int) -> bool:
+    return card["restarts"] > restarts_before and card["state"] == "ready"
+
+
+def _kill_mid_stream_then_recover(
+    node: NodeProcess, model: str, pids: list[int], restarts: int
+) -> None:
+    body = {"model": model, "messages": ESSAY, "max_tokens": 400, "stream": True}
+    with httpx.stream(
+        "POST", node.base_url + "/v1/chat/completions", headers=_auth(node), json=body, timeout=120
+    ) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))
+        assert "choices" in first
+        killed_at = time.monotonic()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][6:])["error"]
+    assert error["code"] in ("model_unavailable", "model_loading")
+
+    r = httpx.post(
+        node.base_url + "/v1/chat/completions",
+        headers=_auth(node),
+        timeout=30,
+        json={"model": model, "messages": QUESTION, "max_tokens": 10},
+    )
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+    # The other engines are untouched meanwhile.
+    other = httpx.post(
+        node.base_url + "/v1/chat/completions",
+        headers=_auth(node),
+        timeout=60,
+        json={"model": "qwen3.6:35b-a3b", "messages": QUESTION, "max_tokens": 10},
+    )
+    assert other.status_code == 200
+
+    _wait(lambda: _restarted(node.model(model), restarts), 300, step=1)
+    print(f"engine kill -> ready again: {time.monotonic() - killed_at:.1f} s")
+    card = node.model(model)
+    assert card["restarts"] == restarts + 1
+    r = httpx.post(
+        node.base_url + "/v1/chat/completions",
+        headers=_auth(node),
+        timeout=60,
+        json={"model": model, "messages": QUESTION, "max_tokens": 20, "temperature": 0},
+    )
+    assert r.status_code == 200 and "Stockholm" in r.json()["choices"][0]["message"]["content"]

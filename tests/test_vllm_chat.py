@@ -1,0 +1,97 @@
+"""Pure pieces of the vLLM chat engine: its serve flags, usage tracking in streams, and the
+refusal of parameters vLLM would silently drop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from node.config import ModelKind, load_models
+from node.engines.vllm_chat import (
+    UsageWish,
+    _parse_args,
+    engine_cli_args,
+    refuse_unknown_fields,
+    track_usage,
+)
+from node.errors import InvalidRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("file", ["models.yaml", "models.standin.yaml"])
+def test_every_chat_model_parses_with_vllms_own_argument_parser(file: str) -> None:
+    for spec in load_models((ROOT / file).read_text(), Path("/m")):
+        if spec.kind is not ModelKind.CHAT:
+            continue
+        args = _parse_args(engine_cli_args(spec))
+        assert args.max_model_len == spec.context_window
+        assert args.served_model_name == spec.public_names
+        assert json.loads(json.dumps(args.override_generation_config)) == {
+            "max_new_tokens": spec.default_max_tokens
+        }
+
+
+def test_production_chat_models_have_tool_parsers() -> None:
+    specs = load_models((ROOT / "models.yaml").read_text(), Path("/m"))
+    for spec in specs:
+        if spec.kind is ModelKind.CHAT:
+            args = _parse_args(engine_cli_args(spec))
+            assert args.enable_auto_tool_choice and args.tool_call_parser
+
+
+def _chunk(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def test_usage_is_tracked_and_hidden_unless_asked() -> None:
+    usage: dict[str, int] = {}
+    content = {
+        "choices": [{"delta": {"content": "Hej"}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+    shown = track_usage(_chunk(content), usage, UsageWish(final=False, continuous=False))
+    assert shown is not None and "usage" not in json.loads(shown[6:])
+    assert usage["total_tokens"] == 6
+    final = {
+        "choices": [],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    }
+    assert track_usage(_chunk(final), usage, UsageWish(final=False, continuous=False)) is None
+    assert usage["total_tokens"] == 7
+    assert track_usage(_chunk(final), usage, UsageWish(final=True, continuous=False))
+
+
+def test_usage_kept_in_every_chunk_when_continuous_was_asked() -> None:
+    usage: dict[str, int] = {}
+    content = {
+        "choices": [{"delta": {"content": "x"}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    }
+    shown = track_usage(_chunk(content), usage, UsageWish(final=True, continuous=True))
+    assert shown == _chunk(content)
+
+
+def test_non_usage_chunks_pass_untouched() -> None:
+    assert track_usage("data: [DONE]\n\n", {}, UsageWish(False, False)) == "data: [DONE]\n\n"
+
+
+def test_unknown_parameters_are_refused_by_name() -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    ok = {
+        "model": "m",
+        "messages": [],
+        "temperature": 0.2,
+        "user": "u",
+        "logit_bias": {},
+        "seed": 1,
+        "max_completion_tokens": 3,
+        "metadata": {"a": "b"},
+    }
+    refuse_unknown_fields(ok, ChatCompletionRequest)
+    with pytest.raises(InvalidRequest) as info:
+        refuse_unknown_fields({**ok, "modalities": ["audio"]}, ChatCompletionRequest)
+    assert info.value.param == "modalities" and info.value.code == "unsupported_parameter"
