@@ -29,6 +29,7 @@ def _build(target: Path, build: Callable[[Path], None]) -> Path:
     """Build into a temporary sibling folder, then rename: a killed run leaves nothing half-made."""
     if (target / READY).exists():
         return target
+    log.info("preparing stand-in %s", target.name)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -180,8 +181,30 @@ def _idefics3_tiny(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+THINKING_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% if enable_thinking is defined and enable_thinking %}"
+    "{{ '<think>\n' }}{% endif %}{% endif %}"
+)
+
+
+def _smollm2_thinking(out: Path) -> None:
+    """SmolLM2 with a Qwen3-style template: ``enable_thinking`` opens a ``<think>`` block in
+    the generation prompt, so vLLM's qwen3 reasoning parser has thinking to separate. The
+    weights are links to the smollm2 folder, not copies."""
+    src = _build(out.parent / "smollm2-135m-instruct", _smollm2)
+    for item in src.iterdir():
+        if item.name not in (READY, "chat_template.jinja"):
+            (out / item.name).symlink_to(item.resolve())
+    (out / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+
+
 STANDINS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m-instruct": _smollm2,
+    "smollm2-135m-thinking": _smollm2_thinking,
     "whisper-base-ct2": _whisper_base,
     "all-minilm-l6-v2": _minilm,
     "idefics3-tiny-vision": _idefics3_tiny,
@@ -195,6 +218,5 @@ def prepare(models_dir: Path, names: list[str] | None = None) -> list[Path]:
     for name, build in STANDINS.items():
         if names and name not in names:
             continue
-        log.info("preparing stand-in %s", name)
         done.append(_build(models_dir / name, build))
     return done

@@ -95,3 +95,11 @@ def test_unknown_parameters_are_refused_by_name() -> None:
     with pytest.raises(InvalidRequest) as info:
         refuse_unknown_fields({**ok, "modalities": ["audio"]}, ChatCompletionRequest)
     assert info.value.param == "modalities" and info.value.code == "unsupported_parameter"
+
+
+def test_reasoning_is_sent_under_both_names() -> None:
+    chunk = {"choices": [{"delta": {"reasoning": "Hmm"}}]}
+    shown = track_usage(_chunk(chunk), {}, UsageWish(final=False, continuous=False))
+    assert shown is not None
+    delta = json.loads(shown[6:])["choices"][0]["delta"]
+    assert delta == {"reasoning": "Hmm", "reasoning_content": "Hmm"}

@@ -211,6 +211,7 @@ class VllmChatEngine:
             raise error_from_vllm(result)
         if hasattr(result, "model_dump"):
             body_out = result.model_dump(exclude_none=True)
+            add_reasoning_content(body_out.get("choices") or [], "message")
             return ChatResult(body=body_out, usage=dict(body_out.get("usage") or {}))
         out = ChatResult()
         out.stream = self._guard_stream(result, out, wants_usage)
@@ -290,20 +291,37 @@ class UsageWish:
 
 def track_usage(chunk: str, usage: dict[str, int], wants: UsageWish) -> str | None:
     """Record the chunk's usage into ``usage``; return the chunk as the client should see it
-    (None to drop it). Chunks without usage pass through untouched."""
-    if not chunk.startswith("data: {") or '"usage"' not in chunk:
+    (None to drop it), with reasoning also under ``reasoning_content``. Chunks with neither
+    usage nor reasoning pass through untouched, unparsed."""
+    if not chunk.startswith("data: {") or ('"usage"' not in chunk and '"reasoning"' not in chunk):
         return chunk
     obj = json.loads(chunk[6:])
     found = obj.get("usage")
     if found:
         usage.clear()
         usage.update({k: v for k, v in found.items() if isinstance(v, int)})
-    if not obj.get("choices"):  # the final usage-only chunk
+    choices = obj.get("choices")
+    if not choices:  # the final usage-only chunk
         return chunk if wants.final else None
-    if wants.continuous or found is None:
+    changed = add_reasoning_content(choices, "delta")
+    if found is not None and not wants.continuous:
+        del obj["usage"]
+        changed = True
+    if not changed:
         return chunk
-    del obj["usage"]
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def add_reasoning_content(choices: list[dict[str, Any]], part: str) -> bool:
+    """vLLM names the thinking ``reasoning`` (newer clients read it); older clients read
+    ``reasoning_content``: send both. True if anything was added."""
+    added = False
+    for choice in choices:
+        message = choice.get(part) or {}
+        if message.get("reasoning") is not None:
+            message["reasoning_content"] = message["reasoning"]
+            added = True
+    return added
 
 
 async def _aclose(gen: Any) -> None:

@@ -134,14 +134,43 @@ def test_stop_sequence_stops(client: openai.OpenAI) -> None:
     assert reply.choices[0].finish_reason == "stop"
 
 
-def test_thinking_can_be_turned_off_per_request(client: openai.OpenAI) -> None:
-    reply = client.chat.completions.create(
-        model=MODEL,
-        messages=ASK,
-        max_tokens=5,
-        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+THINKER = "qwen3.5:9b"  # its stand-in's template opens <think> when enable_thinking is on
+SWEDEN = [{"role": "user", "content": "What is the capital of Sweden?"}]
+
+
+def _thinking(on: bool) -> dict:
+    return {"chat_template_kwargs": {"enable_thinking": on}}
+
+
+def test_reasoning_is_returned_separately_and_can_be_turned_off(client: openai.OpenAI) -> None:
+    on = client.chat.completions.create(
+        model=THINKER, messages=SWEDEN, max_tokens=30, temperature=0, extra_body=_thinking(True)
     )
-    assert reply.choices[0].message.content is not None
+    message = on.choices[0].message
+    extra = message.model_extra or {}
+    assert "Stockholm" in extra["reasoning_content"]
+    assert extra["reasoning"] == extra["reasoning_content"]
+    assert not message.content
+    off = client.chat.completions.create(
+        model=THINKER, messages=SWEDEN, max_tokens=30, temperature=0, extra_body=_thinking(False)
+    )
+    assert "Stockholm" in (off.choices[0].message.content or "")
+    assert not (off.choices[0].message.model_extra or {}).get("reasoning_content")
+
+
+def test_reasoning_streams_as_deltas(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=THINKER,
+        messages=SWEDEN,
+        max_tokens=30,
+        temperature=0,
+        stream=True,
+        extra_body=_thinking(True),
+    )
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    thinking = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+    newer = "".join((d.model_extra or {}).get("reasoning") or "" for d in deltas)
+    assert "Stockholm" in thinking and thinking == newer
 
 
 @pytest.mark.parametrize(
