@@ -30,8 +30,7 @@ class BenchConfig:
     embed_texts: int = 512
     embed_batch_sizes: tuple[int, ...] = (16, 32, 64, 128)
     embed_single_samples: int = 64
-    # transcription: espeak-ng clips
-    short_clip_s: float = 5.0  # one sentence, about this long
+    # transcription: espeak-ng clips (the short one is one sentence, about 5 s)
     long_clip_s: float = 600.0
     whisper_batch_size: int = 8
     # overload: S slots, 10 x S concurrent clients against S

@@ -213,12 +213,14 @@ def _report(
             if n["p50_ms"] is not None
         ]
     )
-    rows.append(
-        value_row(
-            "added_latency_p50_ms", f"c={first}", "ms", ("node - in-process", added),
-            ("< 2 ms", lambda v: v < 2.0),
-        )
+    row = value_row(
+        "added_latency_p50_ms", f"c={first}", "ms", ("node - in-process", added),
+        ("< 2 ms", lambda v: v < 2.0),
     )  # fmt: skip
+    if added["median"] is not None and added["median"] < 0:  # a load spike hit the reference
+        row["met"] = None
+        row["target"] = "< 2 ms (not judged: negative, the machine was noisy)"
+    rows.append(row)
     errors = summary([sum(r["errors"] for r in node_runs[c]) for c in concs])
     rows.append(value_row("failed", "all", "requests", ("node", errors), None))
     series: list[Series] = [

@@ -55,7 +55,6 @@ def base_env(workdir: Path) -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "STAIK_DB_PATH": str(workdir / "node.sqlite3"),
         "STAIK_DRAIN_TIMEOUT_S": "5",
-        "STAIK_LOG_LEVEL": "warning",
         "NO_PROXY": "127.0.0.1,localhost",
     }
 

@@ -27,7 +27,14 @@ from node.accounts import (
     StoreUnavailable,
     Usage,
 )
-from node.errors import InsufficientQuota, NodeError, Unauthorized, Unavailable, error_response
+from node.errors import (
+    EngineError,
+    InsufficientQuota,
+    NodeError,
+    Unauthorized,
+    Unavailable,
+    error_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +141,27 @@ class AccountMiddleware:
             return
         scope.setdefault("state", {})["bill"] = bill
 
+        started = False
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 extra = [(k.lower().encode(), v.encode()) for k, v in bill.headers().items()]
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception:
+            if started:
+                raise
+            # Rendered here rather than by the outermost handler, so that even an unexpected
+            # failure carries the X-RateLimit-* headers (if nothing was sent yet).
+            log.exception("unhandled error on %s", scope["path"])
+            await error_response(EngineError("The node failed to handle the request."))(
+                scope, receive, send_with_headers
+            )
 
     async def _open_bill(self, scope: Scope) -> Bill:
         secret = _bearer(scope)

@@ -27,7 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        # The drain already waited for requests in flight; this only bounds what is left.
+        timeout_graceful_shutdown=5,
         lifespan="on",
     )
     DrainingServer(config, app.state.drain, settings.drain_timeout_s).run()

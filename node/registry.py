@@ -64,7 +64,7 @@ class ModelEntry:
         if self.state is ModelState.READY and self.engine is not None and not self.engine.dead:
             return self.engine
         if self.state is ModelState.READY:  # its engine just died: the watcher restarts it
-            self.report_dead()
+            self.report_dead(self.engine)
         if self.state in (ModelState.LOADING, ModelState.RESTARTING, ModelState.READY):
             doing = "loading" if self.state is ModelState.LOADING else "restarting"
             raise Unavailable(
@@ -80,23 +80,28 @@ class ModelEntry:
             should_retry=False,
         )
 
-    def report_dead(self) -> None:
-        """Called when a request saw the engine die: the watcher restarts it."""
-        self._dead.set()
+    def report_dead(self, engine: Any) -> None:
+        """A request saw ``engine`` die: the watcher restarts it, unless that engine is
+        already gone (a late report about the previous engine must not restart the new one)."""
+        if engine is not None and engine is self.engine:
+            self._dead.set()
 
     async def load(self) -> bool:
         started = time.monotonic()
-        engine = self._factory(self.spec)
+        engine: Any = None
         try:
+            engine = self._factory(self.spec)
             await engine.start()
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await engine.stop()
+            if engine is not None:
+                with contextlib.suppress(Exception):
+                    await engine.stop()
             raise
         except Exception as exc:
             log.exception("model %s failed to load", self.spec.name)
-            with contextlib.suppress(Exception):
-                await engine.stop()
+            if engine is not None:
+                with contextlib.suppress(Exception):
+                    await engine.stop()
             self._set(ModelState.FAILED, f"{type(exc).__name__}: {exc}")
             return False
         self.engine = engine

@@ -78,20 +78,22 @@ class SlotPool:
             return permit
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        got = False
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.queue_timeout_s)
+            got = True
         except TimeoutError:
-            if waiter.done() and not waiter.cancelled():
-                # Handed a slot just as the wait ended: pass it on to the next in line.
-                self._free_one()
-            return None
+            pass
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+            if not got and waiter.done() and not waiter.cancelled():
+                # Handed a slot just as the wait ended (timeout or cancellation): pass it on.
+                self._free_one()
             if not waiter.done():
                 waiter.cancel()
         # The releasing side kept the count: the slot passed straight to this waiter.
-        return Permit(self, self._clock())
+        return Permit(self, self._clock()) if got else None
 
     def _release(self, acquired_at: float) -> None:
         self._holds.append(max(0.0, self._clock() - acquired_at))

@@ -97,3 +97,24 @@ def test_exactly_the_excess_is_refused(slots: int, extra: int) -> None:
         if p:
             p.release()
     assert pool.in_use == 0
+
+
+def test_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> None:
+    async def scenario() -> None:
+        pool = SlotPool(1, queue_timeout_ms=1000)
+        held = pool.try_acquire()
+        assert held
+        waiting = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0.01)
+        held.release()  # the slot goes to the waiter...
+        waiting.cancel()  # ...which is cancelled before it resumes
+        try:
+            got = await waiting  # wait_for may still hand over the finished result
+        except asyncio.CancelledError:
+            got = None
+        if got is not None:
+            got.release()
+        assert pool.in_use == 0
+        assert pool.try_acquire() is not None
+
+    asyncio.run(scenario())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from node.config import ModelKind, load_models
+from node.engines.base import UsageMeter
 from node.engines.vllm_chat import (
     UsageWish,
     _parse_args,
@@ -43,29 +44,30 @@ def test_production_chat_models_have_tool_parsers() -> None:
 
 
 def _chunk(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
+    """As vLLM writes them: compact JSON."""
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 def test_usage_is_tracked_and_hidden_unless_asked() -> None:
-    usage: dict[str, int] = {}
+    usage = UsageMeter()
     content = {
         "choices": [{"delta": {"content": "Hej"}}],
         "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
     }
     shown = track_usage(_chunk(content), usage, UsageWish(final=False, continuous=False))
-    assert shown is not None and "usage" not in json.loads(shown[6:])
-    assert usage["total_tokens"] == 6
+    assert shown is not None and json.loads(shown[6:]) == {"choices": content["choices"]}
+    assert usage.total == 6
     final = {
         "choices": [],
         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
     }
     assert track_usage(_chunk(final), usage, UsageWish(final=False, continuous=False)) is None
-    assert usage["total_tokens"] == 7
+    assert usage.total == 7
     assert track_usage(_chunk(final), usage, UsageWish(final=True, continuous=False))
 
 
 def test_usage_kept_in_every_chunk_when_continuous_was_asked() -> None:
-    usage: dict[str, int] = {}
+    usage = UsageMeter()
     content = {
         "choices": [{"delta": {"content": "x"}}],
         "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
@@ -75,7 +77,8 @@ def test_usage_kept_in_every_chunk_when_continuous_was_asked() -> None:
 
 
 def test_non_usage_chunks_pass_untouched() -> None:
-    assert track_usage("data: [DONE]\n\n", {}, UsageWish(False, False)) == "data: [DONE]\n\n"
+    done = "data: [DONE]\n\n"
+    assert track_usage(done, UsageMeter(), UsageWish(False, False)) == done
 
 
 def test_unknown_parameters_are_refused_by_name() -> None:
@@ -99,7 +102,35 @@ def test_unknown_parameters_are_refused_by_name() -> None:
 
 def test_reasoning_is_sent_under_both_names() -> None:
     chunk = {"choices": [{"delta": {"reasoning": "Hmm"}}]}
-    shown = track_usage(_chunk(chunk), {}, UsageWish(final=False, continuous=False))
+    shown = track_usage(_chunk(chunk), UsageMeter(), UsageWish(final=False, continuous=False))
     assert shown is not None
     delta = json.loads(shown[6:])["choices"][0]["delta"]
     assert delta == {"reasoning": "Hmm", "reasoning_content": "Hmm"}
+
+
+def test_nested_usage_objects_take_the_parsed_path() -> None:
+    usage = UsageMeter()
+    nested = {
+        "choices": [{"delta": {"content": "x"}}],
+        "usage": {
+            "prompt_tokens": 5,
+            "completion_tokens": 1,
+            "total_tokens": 6,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
+    }
+    shown = track_usage(_chunk(nested), usage, UsageWish(final=False, continuous=False))
+    assert shown is not None and "usage" not in json.loads(shown[6:])
+    assert usage.total == 6
+
+
+def test_a_cut_stream_with_several_choices_counts_every_choice() -> None:
+    meter = UsageMeter()
+    wants = UsageWish(final=False, continuous=False)
+    for index, done in ((0, 3), (1, 5), (0, 4)):
+        chunk = {
+            "choices": [{"index": index, "delta": {"content": "x"}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": done, "total_tokens": 10 + done},
+        }
+        track_usage(_chunk(chunk), meter, wants)
+    assert meter.total == 10 + 4 + 5  # the prompt once, each choice's own count

@@ -3,8 +3,9 @@
 Every reservation is one row of ``charges``, inserted in a ``BEGIN IMMEDIATE`` transaction
 together with the limit check (so concurrent reservations, from threads or processes, never
 overshoot), and settling is one guarded UPDATE of that row (so a repeat or a kill -9 between
-the two can neither double nor lose a charge). ``synchronous=FULL``: a committed charge
-survives a crash of the process and of the machine.
+the two can neither double nor lose a charge). ``synchronous=NORMAL`` in WAL mode: a
+committed charge survives a crash or kill -9 of the process; a power loss may forget the last
+moments' charges (an undercharge, never a double one) in exchange for no fsync per request.
 """
 
 from __future__ import annotations

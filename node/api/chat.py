@@ -9,19 +9,23 @@ generated (the prompt hook).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
-from node.api.common import admit, read_json, stream_with_permit
+from node.api.common import ClosingStreamingResponse, admit, read_json
 from node.billing import Bill, bill_of
 from node.config import ModelKind
-from node.engines.base import ChatResult
-from node.errors import InvalidRequest, NodeError
+from node.engines.base import ChatResult, EngineDead
+from node.errors import EngineError, InvalidRequest, NodeError, sse_error_event
 from node.images import count_images, inline_images
 from node.registry import ModelEntry, Registry
+from node.scheduler import Permit
+
+log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -51,15 +55,15 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     except BaseException as exc:
         permit.release()
         await bill.settle(0)
-        if isinstance(exc, NodeError) and exc.status == 503:
-            entry.report_dead()
+        if isinstance(exc, EngineDead):  # not any 503: a store outage is no engine death
+            entry.report_dead(engine)
         raise
     if result.stream is None:
         permit.release()
         await bill.settle(result.total_tokens)
         return JSONResponse(result.body)
-    return StreamingResponse(
-        _settled(stream_with_permit(result.stream, permit, entry), result, bill),
+    return ClosingStreamingResponse(
+        _stream(result, permit, entry, engine, bill),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
@@ -79,12 +83,31 @@ def _count_images(body: dict[str, Any], entry: ModelEntry) -> int:
     return images
 
 
-async def _settled(
-    chunks: AsyncIterator[str], result: ChatResult, bill: Bill
+async def _stream(
+    result: ChatResult, permit: Permit, entry: ModelEntry, engine: Any, bill: Bill
 ) -> AsyncIterator[str]:
-    """Settle what the stream really produced, however it ended (a cut stream counts its part)."""
+    """Pass the SSE chunks through; however the stream ends, release the slot and settle.
+
+    A client that goes away closes this generator, which closes the engine's (vLLM aborts)
+    and is charged what was produced; an error after the headers went out becomes an SSE
+    error event followed by [DONE], and a failed request is charged nothing.
+    """
+    assert result.stream is not None
+    chunks = result.stream
+    failed = False
     try:
         async for chunk in chunks:
             yield chunk
+    except NodeError as err:
+        failed = True
+        if isinstance(err, EngineDead):
+            entry.report_dead(engine)
+        yield sse_error_event(err)
+    except Exception:
+        failed = True
+        log.exception("stream of %s failed", entry.spec.name)
+        yield sse_error_event(EngineError("The stream failed inside the node."))
     finally:
-        await bill.settle(result.total_tokens)
+        permit.release()
+        await chunks.aclose()  # type: ignore[attr-defined]
+        await bill.settle(0 if failed else result.total_tokens)

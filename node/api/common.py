@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from node.errors import EngineError, InvalidRequest, NodeError, RateLimited, sse_error_event
+from node.errors import InvalidRequest, RateLimited
 from node.registry import ModelEntry
 from node.scheduler import Permit
 
@@ -25,6 +26,8 @@ async def read_json(request: Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return body
@@ -58,26 +61,18 @@ async def admit(entry: ModelEntry) -> Permit:
     return permit
 
 
-async def stream_with_permit(
-    chunks: AsyncIterator[str], permit: Permit, entry: ModelEntry
-) -> AsyncIterator[str]:
-    """Pass SSE chunks through; the slot is released when the stream ends, however it ends.
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its body iterator however the response ends.
 
-    An error after the headers went out becomes an SSE error event followed by [DONE].
-    A client that goes away cancels this generator, which closes the engine's (aborting it).
+    When a client goes away while a send is blocked (it stopped reading), Starlette cancels
+    the send, not the generator, and leaves the generator to the garbage collector; closing it
+    here runs its ``finally`` at once: slot released, bill settled, vLLM request aborted.
     """
-    try:
-        async for chunk in chunks:
-            yield chunk
-    except NodeError as err:
-        if err.status == 503:
-            entry.report_dead()
-        yield sse_error_event(err)
-    except Exception:
-        log.exception("stream of %s failed", entry.spec.name)
-        yield sse_error_event(EngineError("The stream failed inside the node."))
-    finally:
-        permit.release()
-        close = getattr(chunks, "aclose", None)
-        if close is not None:
-            await close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()

@@ -22,20 +22,40 @@ PromptHook = Callable[[int, int], Awaitable[None]]
 
 
 @dataclass
-class ChatResult:
-    """Either a whole response body or a stream of SSE strings (``data: ...\\n\\n``).
+class UsageMeter:
+    """Tokens a reply used. A stream records vLLM's continuous usage chunk by chunk (it counts
+    each of the n choices separately), so a stream cut short still knows what it produced."""
 
-    ``usage`` is the OpenAI usage object; a stream keeps it current as chunks go out, so a
-    stream cut short still knows what it produced.
-    """
+    prompt: int = 0
+    by_choice: dict[int, int] = field(default_factory=dict)
+    final_total: int | None = None
+
+    def record(self, numbers: dict[str, Any], choice: int | None) -> None:
+        """``choice`` None: the request's final usage (all choices)."""
+        if choice is None:
+            self.final_total = int(numbers.get("total_tokens", 0))
+            return
+        self.prompt = int(numbers.get("prompt_tokens", self.prompt))
+        self.by_choice[choice] = int(numbers.get("completion_tokens", 0))
+
+    @property
+    def total(self) -> int:
+        if self.final_total is not None:
+            return self.final_total
+        return self.prompt + sum(self.by_choice.values())
+
+
+@dataclass
+class ChatResult:
+    """Either a whole response body or a stream of SSE strings (``data: ...\\n\\n``)."""
 
     body: dict[str, Any] | None = None
     stream: AsyncIterator[str] | None = None
-    usage: dict[str, int] = field(default_factory=dict)
+    usage: UsageMeter = field(default_factory=UsageMeter)
 
     @property
     def total_tokens(self) -> int:
-        return int(self.usage.get("total_tokens", 0))
+        return self.usage.total
 
 
 @dataclass

@@ -89,6 +89,7 @@ class SentenceTransformerEngine:
                     batch_size=self.max_batch,
                     convert_to_numpy=True,
                     normalize_embeddings=True,
+                    show_progress_bar=False,
                 )
             except Exception as exc:  # one bad batch must not kill the worker
                 log.exception("embedding batch failed")

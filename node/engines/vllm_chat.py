@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Any
 
 from node.config import ModelSpec
-from node.engines.base import ChatResult, EngineDead, PromptHook
+from node.engines.base import ChatResult, EngineDead, PromptHook, UsageMeter
 from node.errors import ContextLengthExceeded, EngineError, InvalidRequest, NodeError
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,10 @@ class VllmChatEngine:
             request = model.model_validate(body)
         except ValidationError as exc:
             raise invalid_from_validation(exc) from None
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            # vLLM's own validators raise these for a client's bad combination of fields
+            # (e.g. stream_options without stream): a 400, never a 500.
+            raise InvalidRequest(f"Invalid request: {exc}") from None
         wants_usage = UsageWish.of(request)
         if request.stream:
             # Usage in every chunk, so a stream cut short still knows what it produced; the
@@ -212,7 +217,9 @@ class VllmChatEngine:
         if hasattr(result, "model_dump"):
             body_out = result.model_dump(exclude_none=True)
             add_reasoning_content(body_out.get("choices") or [], "message")
-            return ChatResult(body=body_out, usage=dict(body_out.get("usage") or {}))
+            out = ChatResult(body=body_out)
+            out.usage.record(body_out.get("usage") or {}, None)
+            return out
         out = ChatResult()
         out.stream = self._guard_stream(result, out, wants_usage)
         return out
@@ -289,39 +296,60 @@ class UsageWish:
         return cls(final, final and bool(opts.continuous_usage_stats))
 
 
-def track_usage(chunk: str, usage: dict[str, int], wants: UsageWish) -> str | None:
-    """Record the chunk's usage into ``usage``; return the chunk as the client should see it
-    (None to drop it), with reasoning also under ``reasoning_content``. Chunks with neither
-    usage nor reasoning pass through untouched, unparsed."""
-    if not chunk.startswith("data: {") or ('"usage"' not in chunk and '"reasoning"' not in chunk):
+# vLLM's chunks are compact JSON with a flat usage object: found without parsing the chunk.
+_USAGE = re.compile(r',"usage":(\{[^{}]*\})')
+_CHOICE = re.compile(r'"choices":\[\{"index":(\d+)')
+
+
+def track_usage(chunk: str, meter: UsageMeter, wants: UsageWish) -> str | None:
+    """Record the chunk's usage into ``meter``; return the chunk as the client should see it
+    (None to drop it), with reasoning also under ``reasoning_content``.
+
+    Runs on every token of every stream, so the common case (a content delta carrying the
+    continuous usage the node asked for) is string work; only reasoning chunks are parsed.
+    """
+    if not chunk.startswith("data: {"):
+        return chunk
+    found = _USAGE.search(chunk)
+    if found is None and '"usage":{' in chunk:  # a nested usage object: the slow, sure way
+        return _track_usage_parsed(chunk, meter, wants)
+    if found is not None:
+        numbers = json.loads(found.group(1))
+        if '"choices":[]' in chunk:  # the final usage-only chunk
+            meter.record(numbers, None)
+            return chunk if wants.final else None
+        index = _CHOICE.search(chunk)
+        meter.record(numbers, int(index.group(1)) if index else 0)
+        if not wants.continuous:
+            chunk = chunk[: found.start()] + chunk[found.end() :]
+    if '"reasoning":' not in chunk:
         return chunk
     obj = json.loads(chunk[6:])
-    found = obj.get("usage")
-    if found:
-        usage.clear()
-        usage.update({k: v for k, v in found.items() if isinstance(v, int)})
-    choices = obj.get("choices")
-    if not choices:  # the final usage-only chunk
-        return chunk if wants.final else None
-    changed = add_reasoning_content(choices, "delta")
-    if found is not None and not wants.continuous:
-        del obj["usage"]
-        changed = True
-    if not changed:
-        return chunk
+    add_reasoning_content(obj.get("choices") or [], "delta")
     return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-def add_reasoning_content(choices: list[dict[str, Any]], part: str) -> bool:
+def _track_usage_parsed(chunk: str, meter: UsageMeter, wants: UsageWish) -> str | None:
+    obj = json.loads(chunk[6:])
+    numbers = obj.get("usage") or {}
+    choices = obj.get("choices")
+    if not choices:
+        meter.record(numbers, None)
+        return chunk if wants.final else None
+    meter.record(numbers, int(choices[0].get("index", 0)))
+    if not wants.continuous:
+        obj.pop("usage", None)
+    add_reasoning_content(choices, "delta")
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def add_reasoning_content(choices: list[dict[str, Any]], part: str) -> None:
     """vLLM names the thinking ``reasoning`` (newer clients read it); older clients read
-    ``reasoning_content``: send both. True if anything was added."""
-    added = False
+    ``reasoning_content``: send both."""
     for choice in choices:
         message = choice.get(part) or {}
         if message.get("reasoning") is not None:
             message["reasoning_content"] = message["reasoning"]
-            added = True
-    return added
 
 
 async def _aclose(gen: Any) -> None:

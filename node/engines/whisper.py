@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import logging
 from typing import Any
 
@@ -18,14 +19,35 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
 
 
-def decode_audio(data: bytes) -> np.ndarray:
-    """Any container/codec FFmpeg (PyAV) knows -> mono float32 at 16 kHz; 400 if it can't."""
-    from faster_whisper.audio import decode_audio as fw_decode
+MAX_AUDIO_S = 3 * 3600  # 25 MB of compressed silence can hold days of audio: cap the decode
+
+
+def decode_audio(data: bytes, max_seconds: float = MAX_AUDIO_S) -> np.ndarray:
+    """Any container/codec FFmpeg (PyAV) knows -> mono float32 at 16 kHz; 400 if it can't.
+
+    Decodes frame by frame and stops past ``max_seconds``, so a small file that expands to
+    hours of samples is refused before it fills the memory.
+    """
+    import av
 
     if not data:
         raise InvalidRequest("The uploaded file is empty.", param="file", code="invalid_audio")
+    cap = int(max_seconds * SAMPLE_RATE)
+    chunks: list[np.ndarray] = []
+    total = 0
     try:
-        audio = fw_decode(io.BytesIO(data), sampling_rate=SAMPLE_RATE)
+        with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+            frames = container.decode(audio=0)
+            for frame in itertools.chain(frames, [None]):  # None flushes the resampler
+                for out in resampler.resample(frame):
+                    samples = out.to_ndarray().reshape(-1)
+                    total += samples.size
+                    if total > cap:
+                        raise _too_long(max_seconds)
+                    chunks.append(samples)
+    except InvalidRequest:
+        raise
     except Exception as exc:
         raise InvalidRequest(
             "The file could not be decoded as audio. Supported formats: mp3, wav, m4a, ogg, "
@@ -33,9 +55,17 @@ def decode_audio(data: bytes) -> np.ndarray:
             param="file",
             code="invalid_audio",
         ) from exc
-    if audio.size == 0:
+    if total == 0:
         raise InvalidRequest("The file holds no audio.", param="file", code="invalid_audio")
-    return audio
+    return np.concatenate(chunks).astype(np.float32) / 32768.0
+
+
+def _too_long(max_seconds: float) -> InvalidRequest:
+    return InvalidRequest(
+        f"The audio is longer than {max_seconds / 60:g} minutes; split it into parts.",
+        param="file",
+        code="audio_too_long",
+    )
 
 
 class WhisperEngine:
@@ -84,8 +114,9 @@ class WhisperEngine:
             vad_filter=False,
         )
         if duration >= self.batched_from_s:
-            # Long audio: the batched pipeline decodes VAD chunks together.
+            # Long audio: the batched pipeline decodes VAD-cut chunks together (it needs VAD).
             batch = int(self.spec.engine.get("batch_size", 8))
+            kwargs["vad_filter"] = True
             segments, info = self._batched.transcribe(audio, batch_size=batch, **kwargs)
         else:
             segments, info = self._model.transcribe(audio, **kwargs)

@@ -164,3 +164,25 @@ def test_upload_over_25_mb_is_413_when_chunked(node: NodeProcess, api_key: str) 
     )
     assert r.status_code == 413, r.text
     assert json.loads(r.text)["error"]["code"] == "file_too_large"
+
+
+def test_long_audio_goes_through_the_batched_pipeline(
+    node: NodeProcess, api_key: str, tmp_path: Path
+) -> None:
+    """Above the stand-in's batched_from_s (20 s) the batched, VAD-chunked pipeline runs."""
+    text = (
+        "Good morning. The weather in Stockholm is cold today. Tomorrow it will snow in "
+        "Uppsala. On Friday the sun returns to Gothenburg. The trains to Malmo are running late "
+        "this week. Many people in Stockholm take the ferry to work. The museum opens at ten in "
+        "the morning. In the evening we eat dinner together. The children play in the park "
+        "near the lake. Next summer we will travel north to see the midnight sun."
+    )
+    wav = speak(text, "en", tmp_path / "long.wav")
+    seconds = duration_s(wav)
+    assert seconds > 20
+    r = _post(node, api_key, wav, response_format="verbose_json", language="en")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["text"].count("Stockholm") >= 2 and "Gothenburg" in body["text"]
+    assert body["segments"] and body["segments"][-1]["end"] > 15
+    assert int(r.headers["X-Audio-Tokens-Charged"]) == math.ceil(round(seconds * 100, 6))

@@ -72,10 +72,11 @@ def test_exactly_the_excess_over_the_slots_gets_429(node: NodeProcess) -> None:
         t.join()
     refused = [r for r in results if r[0] == 429]
     assert sorted(r[0] for r in results) == [200] * slots + [429] * extra
+    quickest_admitted = min(r[2] for r in results if r[0] == 200)
     for _, headers, seconds in refused:
         assert int(headers["retry-after"]) >= 1 and int(headers["retry-after-ms"]) >= 1
         assert headers["x-should-retry"] == "true"
-        assert seconds < 1.0  # refused at once, not queued
+        assert seconds < quickest_admitted  # refused at once, not queued behind the others
     assert node.model(model)["slots_in_use"] == 0
 
 
@@ -144,7 +145,14 @@ def _restarted(card: dict, restarts_before: int) -> bool:
 def _kill_mid_stream_then_recover(
     node: NodeProcess, model: str, pids: list[int], restarts: int
 ) -> None:
-    body = {"model": model, "messages": ESSAY, "max_tokens": 400, "stream": True}
+    # ignore_eos: the reply surely outlives the kill (a sampled essay may end early).
+    body = {
+        "model": model,
+        "messages": ESSAY,
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream(
         "POST", node.base_url + "/v1/chat/completions", headers=_auth(node), json=body, timeout=120
     ) as r:
