@@ -168,10 +168,9 @@ class AccountMiddleware:
         if secret is None:
             raise Unauthorized("Missing API key: send 'Authorization: Bearer sk-st-...'.")
         try:
-            key = await self.store.authenticate(secret)
-            if key is None:
-                raise Unauthorized("Invalid API key.")
-            usage = await self.store.usage(key.id, time.time())
+            found = await self.store.authenticate_usage(secret, time.time())
         except StoreUnavailable as exc:
             raise store_down(exc) from None
-        return Bill(self.store, key, usage)
+        if found is None:
+            raise Unauthorized("Invalid API key.")
+        return Bill(self.store, *found)

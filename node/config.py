@@ -108,6 +108,7 @@ class Settings(BaseModel):
     db_path: Path = Field(default_factory=lambda: _default_data_dir() / "node.sqlite3")
     redis_url: str | None = None
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+    max_json_bytes: int = 64 * 1024 * 1024  # room for a few inline images
     drain_timeout_s: float = 30.0
     daily_reset_tz: str = "Europe/Stockholm"
     image_allowed_hosts: list[str] = Field(default_factory=list)
@@ -125,6 +126,7 @@ class Settings(BaseModel):
             "STAIK_DB_PATH": "db_path",
             "STAIK_REDIS_URL": "redis_url",
             "STAIK_MAX_UPLOAD_BYTES": "max_upload_bytes",
+            "STAIK_MAX_JSON_BYTES": "max_json_bytes",
             "STAIK_DRAIN_TIMEOUT_S": "drain_timeout_s",
             "STAIK_DAILY_RESET_TZ": "daily_reset_tz",
             "STAIK_LOG_LEVEL": "log_level",

@@ -153,6 +153,15 @@ class RedisStore:
         h = await self._resolve(secret)
         return None if h is None or h.get("revoked") == "1" else _record(h)
 
+    async def authenticate_usage(self, secret: str, now: float) -> tuple[KeyRecord, Usage] | None:
+        record = await self.authenticate(secret)
+        if record is None:
+            return None
+        try:
+            return record, await self.usage(record.id, now)
+        except KeyNotFound:
+            return None
+
     async def list_keys(self) -> list[KeyRecord]:
         with self._guard():
             ids = await self._r.zrange(f"{self.p}:keys", 0, -1)

@@ -189,6 +189,19 @@ class SQLiteStore:
 
     # -- accounting -------------------------------------------------------------------------
 
+    async def authenticate_usage(self, secret: str, now: float) -> tuple[KeyRecord, Usage] | None:
+        if k.parse_key(secret) is None:
+            return None  # malformed: refused without a lookup
+
+        def go(conn: sqlite3.Connection) -> tuple[KeyRecord, Usage] | None:
+            with transaction(conn, "DEFERRED"):  # one read snapshot, one trip to the pool
+                row = self._resolve(conn, secret)
+                if row is None or row["revoked"]:
+                    return None
+                return _record(row), Usage.of(row["limit_tokens"], self._state(conn, row, now)[0])
+
+        return await self._run(go)
+
     async def usage(self, key_id: str, now: float) -> Usage:
         def go(conn: sqlite3.Connection) -> Usage:
             with transaction(conn, "DEFERRED"):  # one read snapshot

@@ -109,6 +109,11 @@ class Store(Protocol):
         """The live key for a bearer secret; None if malformed (no lookup), unknown or revoked."""
         ...
 
+    async def authenticate_usage(self, secret: str, now: float) -> tuple[KeyRecord, Usage] | None:
+        """``authenticate`` and ``usage`` together (one round trip where the backend allows):
+        what every request needs before anything else."""
+        ...
+
     async def list_keys(self) -> list[KeyRecord]:
         """All keys, oldest first."""
         ...

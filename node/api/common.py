@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from node.errors import InvalidRequest, RateLimited
+from node.errors import InvalidRequest, PayloadTooLarge, RateLimited
 from node.registry import ModelEntry
 from node.scheduler import Permit
 
@@ -21,7 +21,18 @@ M = TypeVar("M", bound=BaseModel)
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    """The body as a JSON object; 413 past the configured size (read in chunks, never whole)."""
+    limit: int = request.app.state.settings.max_json_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _body_too_large(limit)
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise _body_too_large(limit)
+        parts.append(part)
+    raw = b"".join(parts)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -31,6 +42,12 @@ async def read_json(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return body
+
+
+def _body_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The request body is larger than {limit // (1024 * 1024)} MB.", code="request_too_large"
+    )
 
 
 def validation_error(exc: ValidationError) -> InvalidRequest:

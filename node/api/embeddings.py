@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Literal
 
@@ -16,6 +17,7 @@ from node.errors import InvalidRequest
 from node.registry import Registry
 
 MAX_INPUTS = 2048
+_INLINE_TOKENIZE_CHARS = 20_000
 
 
 class EmbeddingRequest(BaseModel):
@@ -57,7 +59,10 @@ async def embeddings(request: Request) -> Response:
         )
     bill = bill_of(request)
     with await admit(entry):
-        tokens = sum(engine.count_tokens(texts))
+        if sum(map(len, texts)) > _INLINE_TOKENIZE_CHARS:  # big inputs: off the event loop
+            tokens = sum(await asyncio.to_thread(engine.count_tokens, texts))
+        else:
+            tokens = sum(engine.count_tokens(texts))
         await bill.reserve(tokens)
         used = 0
         try:

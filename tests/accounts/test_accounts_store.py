@@ -211,3 +211,17 @@ def test_open_store(tmp_path: Path, redis_url: str) -> None:
     red = open_store(tmp_path / "unused.db", redis_url, "UTC")
     assert isinstance(red, RedisStore)
     run_with_store(red, lambda s: s.ping())
+
+
+def test_authenticate_usage_in_one_call(run: Runner) -> None:
+    async def body(s: Store) -> None:
+        secret, rec = await s.create_key(custom_plan(100, Window.HOUR))
+        assert await s.authenticate_usage(secret, T0) == (rec, Usage(100, 0, 100))
+        await s.reserve(rec.id, 30, T0)
+        assert await s.authenticate_usage(secret, T0 + 1) == (rec, Usage(100, 30, 70))
+        assert await s.authenticate_usage(generate_key()[0], T0) is None  # unknown
+        assert await s.authenticate_usage("sk-st-nope", T0) is None  # malformed
+        await s.revoke(rec.id)
+        assert await s.authenticate_usage(secret, T0) is None
+
+    run(body)

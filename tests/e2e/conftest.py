@@ -31,6 +31,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         "STAIK_MODELS_DIR": _models_dir(),
         # The operator allow-list: lets the vision test serve an image from loopback.
         "STAIK_IMAGE_ALLOWED_HOSTS": "localhost",
+        "STAIK_MAX_JSON_BYTES": str(8 * 1024 * 1024),  # small, so the cap test sends little
     }
     proc = NodeProcess(workdir, ROOT / "models.standin.yaml", env=env)
     # Agent Pro: 1,000,000 tokens per hour, room for the whole session.

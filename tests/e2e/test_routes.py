@@ -102,3 +102,21 @@ def test_unknown_route_and_wrong_method(node: NodeProcess, api_key: str) -> None
     _assert_error_shape(httpx.get(node.base_url + "/v1/nothing", headers=auth), 404)
     _assert_error_shape(httpx.get(node.base_url + "/v1/chat/completions", headers=auth), 405)
     _assert_error_shape(httpx.get(node.base_url + "/nothing"), 404)
+
+
+def test_json_body_over_the_cap_is_413(node: NodeProcess, api_key: str) -> None:
+    auth = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    big = b'{"model": "qwen3.5:9b", "messages": [], "pad": "' + b"x" * (9 * 1024 * 1024) + b'"}'
+    declared = httpx.post(
+        node.base_url + "/v1/chat/completions", content=big, headers=auth, timeout=60
+    )
+    assert _assert_error_shape(declared, 413)["code"] == "request_too_large"
+
+    def chunks():  # type: ignore[no-untyped-def]
+        for i in range(0, len(big), 1 << 20):
+            yield big[i : i + (1 << 20)]
+
+    chunked = httpx.post(
+        node.base_url + "/v1/chat/completions", content=chunks(), headers=auth, timeout=60
+    )
+    assert _assert_error_shape(chunked, 413)["code"] == "request_too_large"

@@ -27,7 +27,9 @@ def test_sigterm_drains_streams_then_exits_without_children(node: NodeProcess) -
     def stream() -> None:
         body = {
             "model": "qwen3.6:35b-a3b",
-            "max_tokens": 48,
+            # ignore_eos: long enough to be surely in flight when SIGTERM comes
+            "max_tokens": 120,
+            "ignore_eos": True,
             "stream": True,
             "messages": [{"role": "user", "content": "Write a long essay about Sweden."}],
         }
