@@ -10,13 +10,8 @@ import pytest
 
 from node.config import ModelKind, load_models
 from node.engines.base import UsageMeter
-from node.engines.vllm_chat import (
-    UsageWish,
-    _parse_args,
-    engine_cli_args,
-    refuse_unknown_fields,
-    track_usage,
-)
+from node.engines.vllm_chat import _parse_args, engine_cli_args, refuse_unknown_fields
+from node.engines.vllm_sse import UsageWish, track_usage
 from node.errors import InvalidRequest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Any
 
 from node.config import ModelSpec
-from node.engines.base import ChatResult, EngineDead, PromptHook, UsageMeter
+from node.engines.base import ChatResult, EngineDead, PromptHook
+from node.engines.vllm_sse import UsageWish, add_reasoning_content, track_usage
 from node.errors import ContextLengthExceeded, EngineError, InvalidRequest, NodeError
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,11 @@ class VllmChatEngine:
         await init_app_state(self._llm, state, args, await self._llm.get_supported_tasks())
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
+        for serving in (self._chat, self._completion):
+            # vLLM reads --override-generation-config max_new_tokens as a cap on every request;
+            # the node means it as the default when a request omits max_tokens (which
+            # default_sampling_params still carries), so lift the cap.
+            serving.override_max_tokens = None
         self._guard_context_window(self._chat, "render_chat_request")
         self._guard_context_window(self._completion, "render_completion_request")
 
@@ -216,6 +221,8 @@ class VllmChatEngine:
             raise error_from_vllm(result)
         if hasattr(result, "model_dump"):
             body_out = result.model_dump(exclude_none=True)
+            if any(c.get("finish_reason") == "abort" for c in body_out.get("choices") or []):
+                raise await self._aborted()
             add_reasoning_content(body_out.get("choices") or [], "message")
             out = ChatResult(body=body_out)
             out.usage.record(body_out.get("usage") or {}, None)
@@ -237,6 +244,10 @@ class VllmChatEngine:
                     # vLLM catches failures inside its generator and sends them as an event
                     # with an integer code; the node re-raises them in its own shape.
                     raise self._stream_error(json.loads(chunk[6:])["error"])
+                if '"finish_reason":"abort"' in chunk:
+                    # The engine aborted the request itself (its core died and vLLM cleaned
+                    # up); a client's abort closes this generator instead, so never gets here.
+                    raise await self._aborted()
                 shown = track_usage(chunk, out.usage, wants)
                 if shown:
                     yield shown
@@ -246,6 +257,15 @@ class VllmChatEngine:
             raise self._translate(exc) from exc
         finally:
             await _aclose(chunks)
+
+    async def _aborted(self) -> NodeError:
+        """The error for a request the engine aborted: engine death, once vLLM has noticed."""
+        for _ in range(20):
+            if self.dead:
+                return EngineDead(f"The engine of {self.spec.name} stopped; it is being restarted.")
+            await asyncio.sleep(0.05)
+        log.error("engine %s aborted a request", self.spec.name)
+        return EngineError("The engine aborted the request.")
 
     def _stream_error(self, err: dict[str, Any]) -> NodeError:
         status = int(err.get("code") or 500) if str(err.get("code", "")).isdigit() else 500
@@ -279,77 +299,6 @@ class VllmChatEngine:
 def _requested_max_tokens(request: Any) -> int | None:
     explicit = getattr(request, "max_completion_tokens", None)
     return explicit if explicit is not None else request.max_tokens
-
-
-class UsageWish:
-    """What the client asked to see of usage in a stream."""
-
-    __slots__ = ("final", "continuous")
-
-    def __init__(self, final: bool, continuous: bool) -> None:
-        self.final, self.continuous = final, continuous
-
-    @classmethod
-    def of(cls, request: Any) -> UsageWish:
-        opts = request.stream_options
-        final = bool(opts and opts.include_usage)
-        return cls(final, final and bool(opts.continuous_usage_stats))
-
-
-# vLLM's chunks are compact JSON with a flat usage object: found without parsing the chunk.
-_USAGE = re.compile(r',"usage":(\{[^{}]*\})')
-_CHOICE = re.compile(r'"choices":\[\{"index":(\d+)')
-
-
-def track_usage(chunk: str, meter: UsageMeter, wants: UsageWish) -> str | None:
-    """Record the chunk's usage into ``meter``; return the chunk as the client should see it
-    (None to drop it), with reasoning also under ``reasoning_content``.
-
-    Runs on every token of every stream, so the common case (a content delta carrying the
-    continuous usage the node asked for) is string work; only reasoning chunks are parsed.
-    """
-    if not chunk.startswith("data: {"):
-        return chunk
-    found = _USAGE.search(chunk)
-    if found is None and '"usage":{' in chunk:  # a nested usage object: the slow, sure way
-        return _track_usage_parsed(chunk, meter, wants)
-    if found is not None:
-        numbers = json.loads(found.group(1))
-        if '"choices":[]' in chunk:  # the final usage-only chunk
-            meter.record(numbers, None)
-            return chunk if wants.final else None
-        index = _CHOICE.search(chunk)
-        meter.record(numbers, int(index.group(1)) if index else 0)
-        if not wants.continuous:
-            chunk = chunk[: found.start()] + chunk[found.end() :]
-    if '"reasoning":' not in chunk:
-        return chunk
-    obj = json.loads(chunk[6:])
-    add_reasoning_content(obj.get("choices") or [], "delta")
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
-
-
-def _track_usage_parsed(chunk: str, meter: UsageMeter, wants: UsageWish) -> str | None:
-    obj = json.loads(chunk[6:])
-    numbers = obj.get("usage") or {}
-    choices = obj.get("choices")
-    if not choices:
-        meter.record(numbers, None)
-        return chunk if wants.final else None
-    meter.record(numbers, int(choices[0].get("index", 0)))
-    if not wants.continuous:
-        obj.pop("usage", None)
-    add_reasoning_content(choices, "delta")
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
-
-
-def add_reasoning_content(choices: list[dict[str, Any]], part: str) -> None:
-    """vLLM names the thinking ``reasoning`` (newer clients read it); older clients read
-    ``reasoning_content``: send both."""
-    for choice in choices:
-        message = choice.get(part) or {}
-        if message.get("reasoning") is not None:
-            message["reasoning_content"] = message["reasoning"]
 
 
 async def _aclose(gen: Any) -> None:

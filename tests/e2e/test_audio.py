@@ -39,7 +39,7 @@ def _post(node: NodeProcess, key: str, path: Path, **fields: str) -> httpx.Respo
 def test_sdk_example_from_the_doc(client: openai.OpenAI, speech: dict[str, Path]) -> None:
     with open(speech["sv"], "rb") as f:
         result = client.audio.transcriptions.create(model="kb-whisper-large", file=f, language="sv")
-    assert "Hej" in result.text and "test" in result.text
+    assert "hej" in result.text.lower() and "test" in result.text.lower()
 
 
 def test_whisper_1_alias_with_raw_response_headers(

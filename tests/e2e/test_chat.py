@@ -110,3 +110,13 @@ def test_omitted_max_tokens_uses_the_models_default(client: openai.OpenAI) -> No
     assert usage is not None
     assert usage.completion_tokens == 256  # default_max_tokens in models.standin.yaml
     assert reply.choices[0].finish_reason == "length"
+
+
+def test_explicit_max_tokens_above_the_default_is_honoured(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="qwen3.6:35b-a3b",
+        messages=QUESTION,
+        max_tokens=300,
+        extra_body={"ignore_eos": True},
+    )
+    assert reply.usage is not None and reply.usage.completion_tokens == 300  # default is 256

@@ -149,7 +149,7 @@ def _kill_mid_stream_then_recover(
     body = {
         "model": model,
         "messages": ESSAY,
-        "max_tokens": 400,
+        "max_tokens": 4000,
         "stream": True,
         "ignore_eos": True,
     }
@@ -164,6 +164,7 @@ def _kill_mid_stream_then_recover(
             os.kill(pid, signal.SIGKILL)
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]"
+    assert '"error"' in rest[-2], rest[-3:]
     error = json.loads(rest[-2][6:])["error"]
     assert error["code"] in ("model_unavailable", "model_loading")
 
