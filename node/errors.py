@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from typing import Any
 
 from starlette.responses import JSONResponse
 
@@ -138,6 +139,14 @@ class EngineError(NodeError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+def invalid_from_validation(exc: Any) -> InvalidRequest:
+    """The first problem pydantic found, as a 400 naming the field."""
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    msg = first.get("msg", "invalid value")
+    return InvalidRequest(f"Invalid field '{loc}': {msg}" if loc else msg, param=loc or None)
 
 
 def error_response(err: NodeError, headers: Mapping[str, str] | None = None) -> JSONResponse:

@@ -34,10 +34,6 @@ class Permit:
             self._released = True
             self._pool._release(self._acquired_at)
 
-    @property
-    def released(self) -> bool:
-        return self._released
-
     def __enter__(self) -> Permit:
         return self
 

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from node.errors import InvalidRequest, PayloadTooLarge, RateLimited
+from node.errors import InvalidRequest, PayloadTooLarge, RateLimited, invalid_from_validation
 from node.registry import ModelEntry
 from node.scheduler import Permit
 
@@ -50,19 +50,11 @@ def _body_too_large(limit: int) -> PayloadTooLarge:
     )
 
 
-def validation_error(exc: ValidationError) -> InvalidRequest:
-    """The first problem pydantic found, naming the field."""
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()))
-    msg = first.get("msg", "invalid value")
-    return InvalidRequest(f"Invalid field '{loc}': {msg}" if loc else msg, param=loc or None)
-
-
 def parse(model: type[M], data: dict[str, Any]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc) from None
+        raise invalid_from_validation(exc) from None
 
 
 async def admit(entry: ModelEntry) -> Permit:

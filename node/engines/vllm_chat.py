@@ -17,7 +17,13 @@ from typing import Any
 from node.config import ModelSpec
 from node.engines.base import ChatResult, EngineDead, PromptHook
 from node.engines.vllm_sse import UsageWish, add_reasoning_content, track_usage
-from node.errors import ContextLengthExceeded, EngineError, InvalidRequest, NodeError
+from node.errors import (
+    ContextLengthExceeded,
+    EngineError,
+    InvalidRequest,
+    NodeError,
+    invalid_from_validation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -324,13 +330,6 @@ def refuse_unknown_fields(body: dict[str, Any], model: Any) -> None:
             param=unknown[0],
             code="unsupported_parameter",
         )
-
-
-def invalid_from_validation(exc: Any) -> InvalidRequest:
-    first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    msg = first.get("msg", "invalid value")
-    return InvalidRequest(f"Invalid field '{loc}': {msg}" if loc else msg, param=loc or None)
 
 
 def error_from_vllm(err: Any) -> NodeError:
