@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from node.accounts import Store
 from node.api import audio, chat, embeddings, health, models
-from node.billing import AccountMiddleware
+from node.billing import AccountMiddleware, flush_settles
 from node.config import ModelSpec, Settings
 from node.draining import Drain, DrainMiddleware
 from node.engines.factory import make_engine
@@ -90,6 +90,7 @@ def create_app(
         finally:
             drain.draining = True
             await registry.stop()
+            await flush_settles()
             await store.close()
 
     app = Starlette(

@@ -92,22 +92,37 @@ class Bill:
             raise store_down(exc) from None
 
     async def settle(self, actual_tokens: int) -> None:
-        """Replace the hold by what was really used. Runs to the end even if the request is
-        cancelled (client gone): the store call is shielded and kept alive by a reference."""
+        """Replace the hold by what was really used.
+
+        The headers follow at once (the hold swapped for the actual count). When the count
+        equals the hold (embeddings, audio), the store's view does not change either, so the
+        write goes on in the background, off the response's path; otherwise it is awaited, so
+        the caller's next request sees it. Either way the write runs to the end even if the
+        request is cancelled (client gone), and ``flush_settles`` waits for it at shutdown.
+        """
         if self.reservation is None or self.settled:
             return
         self.settled = True
-        task = asyncio.ensure_future(self._settle(self.reservation, max(0, actual_tokens)))
+        tokens = max(0, actual_tokens)
+        self.usage = Usage.of(self.usage.limit, self.usage.used - self.reservation.tokens + tokens)
+        task = asyncio.ensure_future(self._settle(self.reservation, tokens))
         _pending_settles.add(task)
         task.add_done_callback(_pending_settles.discard)
-        await asyncio.shield(task)
+        if tokens != self.reservation.tokens:
+            await asyncio.shield(task)
 
     async def _settle(self, reservation: Reservation, tokens: int) -> None:
         try:
-            self.usage = await self.store.settle(reservation.id, tokens, self.clock())
+            await self.store.settle(reservation.id, tokens, self.clock())
         except (StoreUnavailable, ReservationNotFound) as exc:
             # The reservation stays a hold until its TTL: the key is never undercharged.
             log.error("settle of %s failed: %s", reservation.id, exc)
+
+
+async def flush_settles() -> None:
+    """Wait for the settles still being written (called before the store closes)."""
+    while _pending_settles:
+        await asyncio.gather(*_pending_settles, return_exceptions=True)
 
 
 def bill_of(request: Request) -> Bill:

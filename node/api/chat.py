@@ -16,7 +16,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from node.api.common import ClosingStreamingResponse, admit, read_json
+from node.api.common import (
+    ClientGone,
+    ClosingStreamingResponse,
+    admit,
+    cancel_if_client_leaves,
+    read_json,
+)
 from node.billing import Bill, bill_of
 from node.config import ModelKind
 from node.engines.base import ChatResult, EngineDead
@@ -46,12 +52,24 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     engine = entry.require_ready()
     images = _count_images(body, entry) if chat else 0
     permit = await admit(entry)
+    prompt_tokens = 0
+
+    async def on_prompt(prompt: int, max_tokens: int) -> None:
+        nonlocal prompt_tokens
+        await bill.reserve(prompt + max_tokens)
+        prompt_tokens = prompt
+
     try:
         if images:
             policy = request.app.state.image_policy
             body = {**body, "messages": await inline_images(body["messages"], policy)}
         run = engine.chat if chat else engine.complete
-        result = await run(body, on_prompt=lambda p, m: bill.reserve(p + m))
+        result = await cancel_if_client_leaves(request, run(body, on_prompt=on_prompt))
+    except ClientGone:
+        # The reply was not generated to the end (vLLM aborted it): the prompt was processed.
+        permit.release()
+        await bill.settle(prompt_tokens)
+        return Response(status_code=499)  # nobody reads it; the access log shows why
     except BaseException as exc:
         permit.release()
         await bill.settle(0)

@@ -127,6 +127,38 @@ def test_streams_cut_by_clients_leak_no_slot_and_no_engine_request(node: NodePro
     print(f"disconnect -> slot free: p50 {waits[10] * 1000:.1f} ms, max {waits[-1] * 1000:.1f} ms")
 
 
+def test_a_non_streaming_client_that_leaves_aborts_its_reply(node: NodeProcess) -> None:
+    """The reply is aborted in vLLM at once (slot and engine free) and only the prompt is
+    charged, not the reply that was never delivered."""
+    model = "qwen3.5:9b"
+    key = node.create_key("--plan", "agent-pro", "--name", "leaver")
+    body = {"model": model, "messages": ESSAY, "max_tokens": 4000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            node.base_url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json=body,
+            timeout=httpx.Timeout(60, read=2),
+        )
+    freed = _wait(lambda: node.model(model)["engine_requests"] == 0, 10, step=0.02)
+    _wait(lambda: node.model(model)["slots_in_use"] == 0, 10)
+    r = httpx.get(node.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+    used = int(r.headers["X-RateLimit-Used-Tokens"])
+    prompt = _prompt_tokens(node, model)
+    assert used == prompt, (used, prompt)
+    print(f"non-streaming client gone -> engine request aborted in {freed * 1000:.0f} ms")
+
+
+def _prompt_tokens(node: NodeProcess, model: str) -> int:
+    r = httpx.post(
+        node.base_url + "/v1/chat/completions",
+        headers=_auth(node),
+        timeout=60,
+        json={"model": model, "messages": ESSAY, "max_tokens": 1},
+    )
+    return int(r.json()["usage"]["prompt_tokens"])
+
+
 def test_killed_engine_errors_its_stream_then_restarts_by_itself(node: NodeProcess) -> None:
     model = "qwen3.5:9b"
     card = node.model(model)
@@ -149,7 +181,7 @@ def _kill_mid_stream_then_recover(
     body = {
         "model": model,
         "messages": ESSAY,
-        "max_tokens": 4000,
+        "max_tokens": 8000,
         "stream": True,
         "ignore_eos": True,
     }
@@ -157,14 +189,20 @@ def _kill_mid_stream_then_recover(
         "POST", node.base_url + "/v1/chat/completions", headers=_auth(node), json=body, timeout=120
     ) as r:
         lines = r.iter_lines()
+        sent_at = time.monotonic()
         first = next(line for line in lines if line.startswith("data: {"))
         assert "choices" in first
         killed_at = time.monotonic()
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         rest = [line for line in lines if line]
+        ended_at = time.monotonic()
+    timing = (
+        f"first chunk after {killed_at - sent_at:.2f} s, then {len(rest)} lines "
+        f"in {ended_at - killed_at:.2f} s; killed {pids}"
+    )
     assert rest[-1] == "data: [DONE]"
-    assert '"error"' in rest[-2], rest[-3:]
+    assert '"error"' in rest[-2], (timing, rest[:2], rest[-3:])
     error = json.loads(rest[-2][6:])["error"]
     assert error["code"] in ("model_unavailable", "model_loading")
 

@@ -1,0 +1,70 @@
+"""Bill.settle against a real SQLite store: an exact charge is written after the response, an
+inexact one before it, and nothing is lost at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from node.accounts.plans import PLANS
+from node.accounts.sqlite import SQLiteStore
+from node.billing import Bill, flush_settles
+
+
+class SlowSettleStore(SQLiteStore):
+    """The real store, with settles held until the test lets them through."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+
+    async def settle(self, reservation_id: str, actual_tokens: int, now: float):  # type: ignore[no-untyped-def]
+        await self.gate.wait()
+        return await super().settle(reservation_id, actual_tokens, now)
+
+
+async def _bill(store: SQLiteStore) -> tuple[str, Bill]:
+    secret, _ = await store.create_key(PLANS["agent-pro"], "t")
+    found = await store.authenticate_usage(secret, 0.0)
+    assert found is not None
+    return secret, Bill(store, *found, clock=lambda: 1000.0)
+
+
+def test_exact_charge_settles_in_the_background_and_flushes(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = SlowSettleStore(tmp_path / "a.db")
+        _, bill = await _bill(store)
+        await bill.reserve(40)
+        await asyncio.wait_for(bill.settle(40), 1)  # returns although the write is held
+        assert bill.headers()["X-RateLimit-Used-Tokens"] == "40"
+        flushing = asyncio.ensure_future(flush_settles())
+        await asyncio.sleep(0.05)
+        assert not flushing.done()  # shutdown waits for the held write
+        store.gate.set()
+        await asyncio.wait_for(flushing, 5)
+        charges = await store._run(
+            lambda c: c.execute("SELECT reserved, actual FROM charges").fetchall()
+        )
+        assert [tuple(r) for r in charges] == [(40, 40)]
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_smaller_actual_is_written_before_settle_returns(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = SlowSettleStore(tmp_path / "b.db")
+        _, bill = await _bill(store)
+        await bill.reserve(100)
+        settling = asyncio.ensure_future(bill.settle(30))
+        await asyncio.sleep(0.05)
+        assert not settling.done()  # the caller's next request must see 30, not 100
+        store.gate.set()
+        await asyncio.wait_for(settling, 5)
+        assert bill.headers()["X-RateLimit-Used-Tokens"] == "30"
+        assert (await store.usage(bill.key.id, 1000.0)).used == 30
+        await bill.settle(30)  # a second settle is a no-op
+        assert (await store.usage(bill.key.id, 1000.0)).used == 30
+        await store.close()
+
+    asyncio.run(body())
