@@ -7,14 +7,22 @@ scripts, so each check-and-charge is atomic across processes. Layout under ``pre
   id; ``keys`` zset of ids by creation time.
 * ``pending:<id>`` zset ``"<res_id>|<reserved>"`` by reservation time.
 * ``hour:<id>`` zset ``"<res_id>|<actual>"`` of settled charges by reservation time (rolling
-  hour); ``day:<id>:<YYYY-MM-DD>`` settled counter per local day; balance: ``spent`` field.
+  hour), and ``hourmin:<id>`` hash of their totals per minute (``windows.BUCKET_S``): the
+  hour's sum reads the minute totals and, from the zset, only the charges of the minute the
+  window's start cuts (whichever side of the cut is shorter), so it costs the same however
+  busy the key. Both are trimmed on reserve to the minutes that can still count.
+  ``day:<id>:<YYYY-MM-DD>`` settled counter per local day; balance: ``spent`` field.
 * ``res:<res_id>`` hash of one reservation, kept ``RES_RETENTION_S`` for idempotent settles.
 
-Times travel as ``repr(float)`` strings and Lua never formats a number, so scores stay exact.
+Times travel as ``repr(float)`` strings and Lua formats no number but whole ones, so scores
+stay exact. An ``hour:`` zset from before ``hourmin:`` existed is totalled into it on first
+use (a settle adds to both and a reserve trims both to the same minutes, so an hour key
+with charges but no ``hourmin:`` hash can only be one of those).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,11 +49,20 @@ from .store import (
     check_tokens,
     new_reservation_id,
 )
-from .windows import HOUR_S, RESERVATION_TTL_S, day_bounds, quota_exceeded
+from .windows import (
+    BUCKET_S,
+    HOUR_S,
+    RESERVATION_TTL_S,
+    bucket_of,
+    bucket_split,
+    day_bounds,
+    quota_exceeded,
+)
 
 RES_RETENTION_S = 2 * 86400  # a settle later than this (real time) finds no reservation
 DAY_COUNTER_TTL_S = 3 * 86400
 GC_MARGIN_S = 600.0  # keep entries this long past relevance, for nodes with lagging clocks
+_HOUR_BUCKET_S = BUCKET_S[Window.HOUR]  # redis_lua assumes 60
 _UNAVAILABLE = ("OOM", "READONLY", "LOADING", "MASTERDOWN", "BUSY", "NOAUTH", "WRONGPASS")
 
 
@@ -108,11 +125,16 @@ class RedisStore:
             f"{p}:pending:{key_id}",
             f"{p}:hour:{key_id}",
             f"{p}:day:{key_id}:{day}",
+            f"{p}:hourmin:{key_id}",
         ]
 
-    def _window_args(self, now: float) -> tuple[list[str], str, float]:
-        start, end, label = day_bounds(now, self.tz)
-        return [repr(now - self.ttl), repr(now - HOUR_S), repr(start)], label, end
+    def _window_args(self, now: float) -> tuple[list[str], str]:
+        """STATE's ARGV at ``now`` and the local day's label."""
+        start, _, label = day_bounds(now, self.tz)
+        lo = now - HOUR_S
+        b, cut_start, cut_end, inside = bucket_split(lo, _HOUR_BUCKET_S)
+        args = [repr(now - self.ttl), repr(lo), repr(start), str(b), repr(cut_start)]
+        return [*args, repr(cut_end), "in" if inside else "out"], label
 
     async def _resolve(self, key_or_id: str) -> dict[str, str] | None:
         with self._guard():
@@ -200,7 +222,7 @@ class RedisStore:
     # -- accounting -------------------------------------------------------------------------
 
     async def usage(self, key_id: str, now: float) -> Usage:
-        args, label, _ = self._window_args(now)
+        args, label = self._window_args(now)
         with self._guard():
             out = await self._usage(keys=self._window_keys(key_id, label), args=args)
         if out[0] == -1:
@@ -210,15 +232,18 @@ class RedisStore:
     async def reserve(self, key_id: str, tokens: int, now: float) -> tuple[Reservation, Usage]:
         check_tokens(tokens)
         res = Reservation(new_reservation_id(), key_id, tokens)
-        args, label, day_end = self._window_args(now)
+        args, label = self._window_args(now)
+        gc = bucket_of(now - HOUR_S - GC_MARGIN_S, _HOUR_BUCKET_S)  # trims whole minutes
         args += [
             res.id,
             str(tokens),
             repr(now),
             label,
-            repr(now - HOUR_S - GC_MARGIN_S),
+            str(gc),
+            repr(float(gc * _HOUR_BUCKET_S)),
             repr(now - self.ttl - GC_MARGIN_S),
             str(RES_RETENTION_S),
+            repr(self.ttl),
         ]
         keys = [*self._window_keys(key_id, label), f"{self.p}:res:{res.id}"]
         with self._guard():
@@ -232,7 +257,7 @@ class RedisStore:
                 limit=limit,
                 used=used,
                 tokens=tokens,
-                settled=_pairs(out[3]),
+                settled=[(-math.inf, int(out[6])), *_pairs(out[3])],
                 pending=_pairs(out[4]),
                 now=now,
                 tz=self.tz,
@@ -244,14 +269,21 @@ class RedisStore:
         check_tokens(actual_tokens, "actual_tokens")
         res_key = f"{self.p}:res:{reservation_id}"
         with self._guard():
-            r = await self._r.hmget(res_key, ["key", "day"])
+            r = await self._r.hmget(res_key, ["key", "day", "ts"])
             if r[0] is None:
                 raise ReservationNotFound(reservation_id)
-            key_id, day = r
-            _, pending, hour, counter = self._window_keys(key_id, day)
+            key_id, day, ts = r
+            key, pending, hour, counter, minutes = self._window_keys(key_id, day)
+            bucket = str(bucket_of(float(ts), _HOUR_BUCKET_S))
             done = await self._settle(
-                keys=[res_key, f"{self.p}:key:{key_id}", pending, hour, counter],
-                args=[reservation_id, str(actual_tokens), repr(now), str(DAY_COUNTER_TTL_S)],
+                keys=[res_key, key, pending, hour, counter, minutes],
+                args=[
+                    reservation_id,
+                    str(actual_tokens),
+                    repr(now),
+                    str(DAY_COUNTER_TTL_S),
+                    bucket,
+                ],
             )
         if done == -1:  # expired between the lookup and the script
             raise ReservationNotFound(reservation_id)

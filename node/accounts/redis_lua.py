@@ -1,6 +1,13 @@
-"""The Lua scripts of RedisStore. Each runs atomically inside Redis."""
+"""The Lua scripts of RedisStore. Each runs atomically inside Redis.
 
-# KEYS: key hash, pending, hour zset, day counter. ARGV: ttl_lo, hour_lo, day_start.
+Lua formats no number but whole ones, with %d (bucket indexes and starts, so exact);
+scores travel as the strings Python wrote, so they stay exact.
+"""
+
+# KEYS: key hash, pending, hour zset, day counter, hour bucket hash.
+# ARGV: ttl_lo, hour_lo, day_start, then the bucket hour_lo cuts: index, start, end, and 'in'
+# | 'out' (sum its charges inside the window, or subtract those outside from its total).
+# Hour buckets are 60 s (windows.BUCKET_S), field = bucket index, value = settled total.
 STATE = """
 -- members come WITHSCORES: "<res_id>|<amount>", score, ...; returns sum, {score, amount, ...}
 local function parse(members)
@@ -12,11 +19,51 @@ local function parse(members)
   end
   return sum, out
 end
-local function state(window)
-  local settled, settled_items = 0, {}
+local function zsum(min, max)
+  local sum = 0
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], min, max)) do
+    sum = sum + tonumber(string.match(m, '|(%d+)$'))
+  end
+  return sum
+end
+-- The rolling hour's settled tokens by bucket: the cut bucket's part in the window, the
+-- later buckets' indexes (unsorted) and totals. Deletes fields before `gc` if given.
+local function hour_buckets(gc)
+  if redis.call('EXISTS', KEYS[5]) == 0 then  -- a zset from before hourmin: total it, once
+    local m = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')  -- else empty: see GC
+    for i = 1, #m, 2 do
+      local ts = tonumber(m[i + 1])
+      local b = math.floor(ts / 60)  -- windows.bucket_of
+      if b * 60 > ts then b = b - 1 elseif (b + 1) * 60 <= ts then b = b + 1 end
+      redis.call('HINCRBY', KEYS[5], string.format('%d', b), string.match(m[i], '|(%d+)$'))
+    end
+  end
+  local cut, cut_total, later, totals = tonumber(ARGV[4]), 0, {}, {}
+  local h = redis.call('HGETALL', KEYS[5])
+  for i = 1, #h, 2 do
+    local b = tonumber(h[i])
+    if b > cut then
+      later[#later + 1] = b; totals[b] = tonumber(h[i + 1])
+    elseif b == cut then
+      cut_total = tonumber(h[i + 1])
+    elseif gc and b < gc then
+      redis.call('HDEL', KEYS[5], h[i])
+    end
+  end
+  if ARGV[7] == 'in' then
+    cut_total = zsum('(' .. ARGV[2], '(' .. ARGV[6])
+  else
+    cut_total = cut_total - zsum(ARGV[5], ARGV[2])
+  end
+  return {cut_total, later, totals}
+end
+-- used, pending items, and for an hour key its buckets
+local function state(window, gc)
+  local settled, buckets = 0, nil
   if window == 'hour' then
-    local m = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], '+inf', 'WITHSCORES')
-    settled, settled_items = parse(m)
+    buckets = hour_buckets(gc)
+    settled = buckets[1]
+    for _, b in ipairs(buckets[2]) do settled = settled + buckets[3][b] end
   elseif window == 'day' then
     settled = tonumber(redis.call('GET', KEYS[4]) or '0')
   else
@@ -33,7 +80,7 @@ local function state(window)
     end
   end
   local pending, pending_items = parse(live)
-  return settled + pending, settled_items, pending_items
+  return settled + pending, pending_items, buckets
 end
 """
 
@@ -47,29 +94,69 @@ return {1, used, tonumber(redis.call('HGET', KEYS[1], 'limit_tokens'))}
 """
 )
 
-# + KEYS[5] reservation hash. ARGV[4..]: res_id, tokens, now, day label, gc_hour, gc_pending
+# A refused hour reservation returns, for retry-after, the settled tokens that free before
+# the first bucket by whose last free `need` tokens have freed (pending holds included), and
+# that bucket's charges: windows._hour_settled, the same arithmetic on the same doubles.
+RETRY = """
+local function retry_settled(buckets, pending_items, need, ttl)
+  local frees = {}
+  for i = 1, #pending_items, 2 do
+    local ts = tonumber(pending_items[i])
+    frees[#frees + 1] = {math.min(ts + ttl, ts + 3600), pending_items[i + 1]}
+  end
+  table.sort(frees, function(a, b) return a[1] < b[1] end)
+  local later, totals = buckets[2], buckets[3]
+  table.sort(later)
+  local spans = {{tonumber(ARGV[6]), buckets[1], '(' .. ARGV[2], '(' .. ARGV[6]}}
+  for _, b in ipairs(later) do  -- end, total, min and max score of its charges
+    spans[#spans + 1] = {(b + 1) * 60, totals[b], string.format('%d', b * 60),
+      string.format('(%d', (b + 1) * 60)}
+  end
+  local before, pend, j = 0, 0, 1
+  for _, s in ipairs(spans) do
+    while j <= #frees and frees[j][1] <= s[1] + 3600 do
+      pend = pend + frees[j][2]; j = j + 1
+    end
+    if before + s[2] + pend >= need then
+      local _, items = parse(redis.call('ZRANGEBYSCORE', KEYS[3], s[3], s[4], 'WITHSCORES'))
+      return before, items
+    end
+    before = before + s[2]
+  end
+  return before, {}
+end
+"""
+
+# + KEYS[6] reservation hash. ARGV[8..]: res_id, tokens, now, day label, gc bucket, its start,
+# gc_pending, retention, ttl
 RESERVE = (
     STATE
+    + RETRY
     + """
 local h = redis.call('HMGET', KEYS[1], 'window', 'limit_tokens', 'revoked')
 if not h[1] or h[3] == '1' then return {-1} end
-local window, limit, tokens = h[1], tonumber(h[2]), tonumber(ARGV[5])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[8])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[9])
-local used, settled_items, pending_items = state(window)
+local window, limit, tokens = h[1], tonumber(h[2]), tonumber(ARGV[9])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. ARGV[13])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[14])
+local used, pending_items, buckets = state(window, tonumber(ARGV[12]))
 if used + tokens > limit then
-  return {0, used, limit, settled_items, pending_items, window}
+  local before, settled_items = 0, {}
+  if window == 'hour' then
+    before, settled_items = retry_settled(buckets, pending_items, used + tokens - limit,
+      tonumber(ARGV[16]))
+  end
+  return {0, used, limit, settled_items, pending_items, window, before}
 end
-redis.call('ZADD', KEYS[2], ARGV[6], ARGV[4] .. '|' .. ARGV[5])
-redis.call('HSET', KEYS[5], 'key', redis.call('HGET', KEYS[1], 'id'), 'ts', ARGV[6],
-  'reserved', ARGV[5], 'day', ARGV[7], 'state', 'pending')
-redis.call('EXPIRE', KEYS[5], ARGV[10])
+redis.call('ZADD', KEYS[2], ARGV[10], ARGV[8] .. '|' .. ARGV[9])
+redis.call('HSET', KEYS[6], 'key', redis.call('HGET', KEYS[1], 'id'), 'ts', ARGV[10],
+  'reserved', ARGV[9], 'day', ARGV[11], 'state', 'pending')
+redis.call('EXPIRE', KEYS[6], ARGV[15])
 return {1, used + tokens, limit}
 """
 )
 
-# KEYS: res hash, key hash, pending, hour zset, day counter of the charge's day.
-# ARGV: res_id, actual, now, day counter ttl
+# KEYS: res hash, key hash, pending, hour zset, day counter of the charge's day, hour bucket
+# hash. ARGV: res_id, actual, now, day counter ttl, the charge's hour bucket
 SETTLE = """
 local r = redis.call('HMGET', KEYS[1], 'state', 'ts', 'reserved')
 if not r[1] then return -1 end
@@ -78,6 +165,7 @@ redis.call('ZREM', KEYS[3], ARGV[1] .. '|' .. r[3])
 local window = redis.call('HGET', KEYS[2], 'window')
 if window == 'hour' then
   redis.call('ZADD', KEYS[4], r[2], ARGV[1] .. '|' .. ARGV[2])
+  redis.call('HINCRBY', KEYS[6], ARGV[5], ARGV[2])
 elseif window == 'day' then
   redis.call('INCRBY', KEYS[5], ARGV[2]); redis.call('EXPIRE', KEYS[5], ARGV[4])
 else

@@ -2,10 +2,12 @@
 
 Every reservation is one row of ``charges``, inserted in a ``BEGIN IMMEDIATE`` transaction
 together with the limit check (so concurrent reservations, from threads or processes, never
-overshoot), and settling is one guarded UPDATE of that row (so a repeat or a kill -9 between
-the two can neither double nor lose a charge). ``synchronous=NORMAL`` in WAL mode: a
-committed charge survives a crash or kill -9 of the process; a power loss may forget the last
-moments' charges (an undercharge, never a double one) in exchange for no fsync per request.
+overshoot), and settling is one guarded UPDATE of that row plus, in the same transaction,
+the key's bucket total or balance spend (so a repeat or a kill -9 between the two can neither
+double nor lose a charge). Window sums read those bucket totals, at a cost that does not grow
+with the key's traffic (``sqlite_window``). ``synchronous=NORMAL`` in WAL mode: a committed
+charge survives a crash or kill -9 of the process; a power loss may forget the last moments'
+charges (an undercharge, never a double one) in exchange for no fsync per request.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ from zoneinfo import ZoneInfo
 from . import keys as k
 from .plans import Plan, Window
 from .sqlite_db import Database, transaction
+from .sqlite_window import add_settled, hour_buckets, settled_sum
 from .store import (
     KeyNotFound,
     KeyRecord,
+    QuotaExceeded,
     Reservation,
     ReservationNotFound,
     Usage,
     check_tokens,
     new_reservation_id,
 )
-from .windows import HOUR_S, RESERVATION_TTL_S, day_bounds, quota_exceeded
+from .windows import RESERVATION_TTL_S, Buckets, quota_exceeded, window_start
 
 _KEY_COLS = "id, name, plan_slug, limit_tokens, window, revoked, created_at"
 
@@ -72,36 +76,51 @@ class SQLiteStore:
             return None
         return conn.execute("SELECT * FROM keys WHERE id = ?", (key_or_id,)).fetchone()
 
-    def _state(
-        self, conn: sqlite3.Connection, key: sqlite3.Row, now: float, items: bool = False
-    ) -> tuple[int, list[tuple[float, int]], list[tuple[float, int]]]:
-        """``(used, settled, pending)`` at ``now``; the lists only when ``items``."""
+    def _holds(self, key: sqlite3.Row, now: float) -> tuple[str, list[object]]:
+        """WHERE clause and args of the key's live holds at ``now``: few, as they are the
+        requests in flight plus any abandoned within the TTL (index ``charges_pending``)."""
         window = Window(key["window"])
-        ttl_lo = now - self.ttl
-        if window is Window.BALANCE:
-            where, args = "", ()
-        elif window is Window.HOUR:
-            where, args = " AND ts > ?", (now - HOUR_S,)
-        else:
-            where, args = " AND ts >= ?", (day_bounds(now, self.tz)[0],)
-        settled_q = f"FROM charges WHERE key_id = ? AND actual IS NOT NULL{where}"
-        pending_q = f"FROM charges WHERE key_id = ? AND actual IS NULL AND ts > ?{where}"
-        sargs = (key["id"], *args)
-        pargs = (key["id"], ttl_lo, *args)
-        if window is Window.BALANCE:
-            settled_sum = key["spent"]
-        else:
-            settled_sum = conn.execute(f"SELECT COALESCE(SUM(actual), 0) {settled_q}", sargs)
-            settled_sum = settled_sum.fetchone()[0]
-        pending_sum = conn.execute(f"SELECT COALESCE(SUM(reserved), 0) {pending_q}", pargs)
-        used = settled_sum + pending_sum.fetchone()[0]
-        if not items:
-            return used, [], []
-        settled: list[tuple[float, int]] = []
+        where, args = "key_id = ? AND actual IS NULL AND ts > ?", [key["id"], now - self.ttl]
         if window is not Window.BALANCE:
-            settled = [tuple(r) for r in conn.execute(f"SELECT ts, actual {settled_q}", sargs)]
-        pending = [tuple(r) for r in conn.execute(f"SELECT ts, reserved {pending_q}", pargs)]
-        return used, settled, pending
+            bound, inclusive = window_start(window, now, self.tz)
+            where += f" AND ts {'>=' if inclusive else '>'} ?"
+            args.append(bound)
+        return where, args
+
+    def _used(self, conn: sqlite3.Connection, key: sqlite3.Row, now: float) -> int:
+        """Tokens counting against the key at ``now``: settled ones in the window (bounded
+        cost, see ``sqlite_window``) plus live holds."""
+        window = Window(key["window"])
+        if window is Window.BALANCE:
+            settled = key["spent"]
+        else:
+            settled = settled_sum(conn, key["id"], window, *window_start(window, now, self.tz))
+        where, args = self._holds(key, now)
+        held = conn.execute(f"SELECT COALESCE(SUM(reserved), 0) FROM charges WHERE {where}", args)
+        return settled + held.fetchone()[0]
+
+    def _refusal(
+        self, conn: sqlite3.Connection, key: sqlite3.Row, now: float, used: int, tokens: int
+    ) -> QuotaExceeded:
+        """The refusal of ``tokens`` with its exact retry-after; reads one bucket's charges
+        at most (``windows.Buckets``), so hammering a full key stays cheap too."""
+        window = Window(key["window"])
+        settled: Buckets | list[tuple[float, int]] = []
+        if window is Window.HOUR:  # only a rolling hour frees settled charges one by one
+            settled = hour_buckets(conn, key["id"], window_start(window, now, self.tz)[0])
+        where, args = self._holds(key, now)
+        held = f"FROM charges WHERE {where}"
+        return quota_exceeded(
+            window=window,
+            limit=key["limit_tokens"],
+            used=used,
+            tokens=tokens,
+            settled=settled,
+            pending=[(r[0], r[1]) for r in conn.execute(f"SELECT ts, reserved {held}", args)],
+            now=now,
+            tz=self.tz,
+            ttl=self.ttl,
+        )
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -198,7 +217,7 @@ class SQLiteStore:
                 row = self._resolve(conn, secret)
                 if row is None or row["revoked"]:
                     return None
-                return _record(row), Usage.of(row["limit_tokens"], self._state(conn, row, now)[0])
+                return _record(row), Usage.of(row["limit_tokens"], self._used(conn, row, now))
 
         return await self._run(go)
 
@@ -208,7 +227,7 @@ class SQLiteStore:
                 key = conn.execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone()
                 if key is None:
                     raise KeyNotFound(key_id)
-                return Usage.of(key["limit_tokens"], self._state(conn, key, now)[0])
+                return Usage.of(key["limit_tokens"], self._used(conn, key, now))
 
         return await self._run(go)
 
@@ -222,20 +241,9 @@ class SQLiteStore:
                 if key is None or key["revoked"]:
                     raise KeyNotFound(key_id)
                 limit = key["limit_tokens"]
-                used = self._state(conn, key, now)[0]
+                used = self._used(conn, key, now)
                 if used + tokens > limit:
-                    _, settled, pending = self._state(conn, key, now, items=True)
-                    raise quota_exceeded(
-                        window=Window(key["window"]),
-                        limit=limit,
-                        used=used,
-                        tokens=tokens,
-                        settled=settled,
-                        pending=pending,
-                        now=now,
-                        tz=self.tz,
-                        ttl=self.ttl,
-                    )
+                    raise self._refusal(conn, key, now, used, tokens)
                 conn.execute(
                     "INSERT INTO charges (id, key_id, ts, reserved) VALUES (?, ?, ?, ?)",
                     (res.id, key_id, now, tokens),
@@ -250,24 +258,22 @@ class SQLiteStore:
         def go(conn: sqlite3.Connection) -> Usage:
             with transaction(conn):
                 charge = conn.execute(
-                    "SELECT key_id, actual FROM charges WHERE id = ?", (reservation_id,)
+                    "SELECT c.key_id, c.ts, k.window FROM charges c JOIN keys k"
+                    " ON k.id = c.key_id WHERE c.id = ?",
+                    (reservation_id,),
                 ).fetchone()
                 if charge is None:
                     raise ReservationNotFound(reservation_id)
-                if charge["actual"] is None:
-                    conn.execute(
-                        "UPDATE charges SET actual = ?, settled_at = ? "
-                        "WHERE id = ? AND actual IS NULL",
-                        (actual_tokens, now, reservation_id),
-                    )
-                    conn.execute(
-                        "UPDATE keys SET spent = spent + ? WHERE id = ? AND window = ?",
-                        (actual_tokens, charge["key_id"], Window.BALANCE.value),
-                    )
-                key = conn.execute(
-                    "SELECT * FROM keys WHERE id = ?", (charge["key_id"],)
-                ).fetchone()
-                return Usage.of(key["limit_tokens"], self._state(conn, key, now)[0])
+                key_id = charge["key_id"]
+                done = conn.execute(
+                    "UPDATE charges SET actual = ?, settled_at = ? WHERE id = ? AND actual IS NULL",
+                    (actual_tokens, now, reservation_id),
+                )
+                if done.rowcount:  # the first settle: count it (a repeat changes nothing)
+                    window = Window(charge["window"])
+                    add_settled(conn, key_id, window, charge["ts"], actual_tokens)
+                key = conn.execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone()
+                return Usage.of(key["limit_tokens"], self._used(conn, key, now))
 
         return await self._run(go)
 

@@ -1,5 +1,5 @@
-"""Connection plumbing of SQLiteStore: schema, a private thread pool, one connection per
-thread, explicit transactions, and sqlite errors turned into StoreUnavailable."""
+"""Connection plumbing of SQLiteStore: schema (and its one data migration), a private thread
+pool, one connection per thread, explicit transactions, sqlite errors as StoreUnavailable."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .plans import Window
 from .store import StoreUnavailable
+from .windows import BUCKET_S, bucket_of
 
 T = TypeVar("T")
 
@@ -39,6 +41,16 @@ CREATE TABLE IF NOT EXISTS charges (
 );
 CREATE INDEX IF NOT EXISTS charges_key_ts ON charges(key_id, ts);
 CREATE INDEX IF NOT EXISTS charges_pending ON charges(key_id, ts) WHERE actual IS NULL;
+-- covers the reads of settled charges in a window (ts range): index-only, no table lookups
+CREATE INDEX IF NOT EXISTS charges_settled ON charges(key_id, ts, actual)
+    WHERE actual IS NOT NULL;
+CREATE TABLE IF NOT EXISTS charge_buckets (  -- settled totals of hour / day keys, see windows
+    key_id TEXT NOT NULL,
+    bucket INTEGER NOT NULL,          -- windows.bucket_of(ts, BUCKET_S[window])
+    total INTEGER NOT NULL,
+    PRIMARY KEY (key_id, bucket)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -51,6 +63,35 @@ def transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[s
         conn.rollback()
         raise
     conn.commit()
+
+
+_BUCKETS_DONE = "charge_buckets_filled"
+
+
+def fill_buckets(conn: sqlite3.Connection) -> None:
+    """Once per database: total the settled charges that predate ``charge_buckets`` (a file
+    from an older node) into it. Marked in ``meta`` within the same IMMEDIATE transaction, so
+    concurrent connections, threads or processes, fill it exactly once."""
+    done = "SELECT 1 FROM meta WHERE name = ?"
+    if conn.execute(done, (_BUCKETS_DONE,)).fetchone():
+        return  # the usual case, without taking the write lock
+    with transaction(conn):
+        if conn.execute(done, (_BUCKETS_DONE,)).fetchone():
+            return
+        totals: dict[tuple[str, int], int] = {}
+        rows = conn.execute(
+            "SELECT c.key_id, c.ts, c.actual, k.window FROM charges c JOIN keys k"
+            " ON k.id = c.key_id WHERE c.actual IS NOT NULL AND k.window != ?",
+            (Window.BALANCE.value,),
+        )
+        for key_id, ts, actual, window in rows:
+            b = bucket_of(ts, BUCKET_S[Window(window)])
+            totals[key_id, b] = totals.get((key_id, b), 0) + actual
+        conn.executemany(
+            "INSERT INTO charge_buckets (key_id, bucket, total) VALUES (?, ?, ?)",
+            [(key_id, b, t) for (key_id, b), t in totals.items()],
+        )
+        conn.execute("INSERT INTO meta (name, value) VALUES (?, '1')", (_BUCKETS_DONE,))
 
 
 class Database:
@@ -79,6 +120,7 @@ class Database:
             with self._lock:
                 if not self._schema_ready:
                     conn.executescript(SCHEMA)
+                    fill_buckets(conn)
                     self._schema_ready = True
         except BaseException:
             conn.close()
