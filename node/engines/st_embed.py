@@ -3,15 +3,28 @@
 Requests queue their texts; one worker takes everything waiting (up to ``max_batch`` texts),
 encodes it in a single ``encode`` call off the event loop, and hands each request its rows.
 Batching is what lets many small concurrent requests approach the in-process ceiling.
+
+``encode`` always runs on the engine's own thread: torch's OpenMP keeps a thread team per
+calling thread, so a rotating pool could leave several teams on the cores; one thread, one
+team.
+
+``encode`` sorts the texts of a call by length and runs them ``batch_size`` at a time, each
+sub-batch padded to its longest text. Gathering many texts but encoding them in small
+sub-batches (``batch_size``, 16 by default) keeps the padding small: on the CPU stand-in, 64
+mixed-length texts encode at about 150 texts/s in sub-batches of 16 against 95 in one batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import functools
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -19,6 +32,7 @@ from node.config import ModelSpec
 from node.errors import ContextLengthExceeded
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -31,17 +45,28 @@ class SentenceTransformerEngine:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.max_batch = int(spec.engine.get("max_batch", 64))
+        self.batch_size = int(spec.engine.get("batch_size", 16))
         self._model: Any = None
+        self._counter: Any = None  # a tokenizer of its own for count_tokens (see start)
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embed-{spec.name}")
+
+    async def _on_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, functools.partial(fn, *args, **kwargs))
 
     async def start(self) -> None:
         from sentence_transformers import SentenceTransformer
 
         device = self.spec.engine.get("device", "cpu")
-        self._model = await asyncio.to_thread(SentenceTransformer, self.spec.path, device=device)
+        self._model = await self._on_thread(SentenceTransformer, self.spec.path, device=device)
         if self.spec.context_window:
             self._model.max_seq_length = self.spec.context_window
+        # A fast tokenizer switches its padding/truncation state per call, so one shared by
+        # count_tokens (no padding) and encode (padding, on the worker thread) breaks batches
+        # that race: a copy, always called the same way, never changes state.
+        self._counter = copy.deepcopy(self._model.tokenizer)
         self._worker = asyncio.create_task(self._run(), name=f"embed:{self.spec.name}")
 
     @property
@@ -55,7 +80,7 @@ class SentenceTransformerEngine:
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per input as the model sees them (special tokens included); 400 for an input
         longer than the model's window (it would be cut silently otherwise)."""
-        encoded = self._model.tokenizer(texts, add_special_tokens=True, truncation=False)
+        encoded = self._counter(texts, add_special_tokens=True, truncation=False)
         counts = [len(ids) for ids in encoded["input_ids"]]
         window = self.spec.context_window
         for i, n in enumerate(counts):
@@ -83,10 +108,10 @@ class SentenceTransformerEngine:
                 size += len(job.texts)
             texts = [t for job in jobs for t in job.texts]
             try:
-                vectors = await asyncio.to_thread(
+                vectors = await self._on_thread(
                     self._model.encode,
                     texts,
-                    batch_size=self.max_batch,
+                    batch_size=self.batch_size,
                     convert_to_numpy=True,
                     normalize_embeddings=True,
                     show_progress_bar=False,
@@ -110,3 +135,4 @@ class SentenceTransformerEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
         self._model = None
+        self._thread.shutdown(wait=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import openai
 import pytest
@@ -46,3 +48,17 @@ def test_chat_model_on_embeddings_route_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model="qwen3.5:9b", input="hej")
     assert info.value.code == "model_not_supported"
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_vectors(
+    client: openai.OpenAI,
+) -> None:
+    """Many clients at once, texts of mixed lengths: every request succeeds (token counting
+    and batched encoding share no tokenizer state) and gets the vector it would get alone."""
+    texts = [" ".join(["Stockholm är en stad vid vattnet"] * (1 + i % 9)) for i in range(240)]
+    alone = {t: client.embeddings.create(model=MODEL, input=t).data[0].embedding for t in texts[:9]}
+    with ThreadPoolExecutor(max_workers=16) as pool:  # the stand-in's slots
+        together = list(pool.map(lambda t: client.embeddings.create(model=MODEL, input=t), texts))
+    for text, result in zip(texts, together, strict=True):
+        assert result.usage.prompt_tokens > 0
+        assert np.allclose(result.data[0].embedding, alone[text], atol=1e-4)
