@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +28,14 @@ EngineFactory = Callable[[ModelSpec], Engine]
 _EXPECTED_LOAD_S = {ModelKind.CHAT: 60.0, ModelKind.EMBEDDING: 10.0, ModelKind.TRANSCRIPTION: 10.0}
 _WATCH_INTERVAL_S = 1.0
 _MAX_BACKOFF_S = 60.0
+
+
+def freeze_gc_heap() -> None:
+    """Move everything alive now (a loaded model's many objects) out of the garbage
+    collector's reach, as ``vllm serve`` does at start: otherwise each full collection walks
+    them all while every request on the event loop waits."""
+    gc.collect()
+    gc.freeze()
 
 
 class ModelState(StrEnum):
@@ -109,6 +118,7 @@ class ModelEntry:
         self._dead.clear()
         self._set(ModelState.READY)
         log.info("model %s ready in %.1f s", self.spec.name, self._last_load_s)
+        freeze_gc_heap()
         return True
 
     async def run(self) -> None:
