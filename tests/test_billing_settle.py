@@ -23,17 +23,17 @@ class SlowSettleStore(SQLiteStore):
         return await super().settle(reservation_id, actual_tokens, now)
 
 
-async def _bill(store: SQLiteStore) -> tuple[str, Bill]:
+async def _bill(store: SQLiteStore) -> Bill:
     secret, _ = await store.create_key(PLANS["agent-pro"], "t")
     found = await store.authenticate_usage(secret, 0.0)
     assert found is not None
-    return secret, Bill(store, *found, clock=lambda: 1000.0)
+    return Bill(store, *found, clock=lambda: 1000.0)
 
 
 def test_exact_charge_settles_in_the_background_and_flushes(tmp_path: Path) -> None:
     async def body() -> None:
         store = SlowSettleStore(tmp_path / "a.db")
-        _, bill = await _bill(store)
+        bill = await _bill(store)
         await bill.reserve(40)
         await asyncio.wait_for(bill.settle(40), 1)  # returns although the write is held
         assert bill.headers()["X-RateLimit-Used-Tokens"] == "40"
@@ -54,7 +54,7 @@ def test_exact_charge_settles_in_the_background_and_flushes(tmp_path: Path) -> N
 def test_smaller_actual_is_written_before_settle_returns(tmp_path: Path) -> None:
     async def body() -> None:
         store = SlowSettleStore(tmp_path / "b.db")
-        _, bill = await _bill(store)
+        bill = await _bill(store)
         await bill.reserve(100)
         settling = asyncio.ensure_future(bill.settle(30))
         await asyncio.sleep(0.05)

@@ -25,6 +25,18 @@ def _auth(node: NodeProcess) -> dict[str, str]:
     return {"Authorization": f"Bearer {node.key}"}
 
 
+def _chat(
+    node: NodeProcess, body: dict, timeout: float | httpx.Timeout = 60, key: str | None = None
+) -> httpx.Response:
+    """One non-streaming chat completion, with the session's key unless ``key``."""
+    return httpx.post(
+        node.base_url + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key or node.key}"},
+        json=body,
+        timeout=timeout,
+    )
+
+
 def _wait(predicate, timeout: float, step: float = 0.1) -> float:  # type: ignore[no-untyped-def]
     """Seconds until ``predicate()`` held; fails after ``timeout``."""
     start = time.monotonic()
@@ -39,12 +51,7 @@ def test_a_loading_model_answered_503_then_serves(node: NodeProcess) -> None:
     assert early is not None and early.status_code == 503
     assert early.json()["error"]["code"] == "model_loading"
     assert int(early.headers["Retry-After"]) >= 1 and early.headers["x-should-retry"] == "true"
-    r = httpx.post(
-        node.base_url + "/v1/chat/completions",
-        headers=_auth(node),
-        timeout=60,
-        json={"model": "qwen3.5:9b", "messages": QUESTION, "max_tokens": 10},
-    )
+    r = _chat(node, {"model": "qwen3.5:9b", "messages": QUESTION, "max_tokens": 10})
     assert r.status_code == 200
 
 
@@ -134,12 +141,7 @@ def test_a_non_streaming_client_that_leaves_aborts_its_reply(node: NodeProcess) 
     key = node.create_key("--plan", "agent-pro", "--name", "leaver")
     body = {"model": model, "messages": ESSAY, "max_tokens": 4000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(
-            node.base_url + "/v1/chat/completions",
-            headers={"Authorization": f"Bearer {key}"},
-            json=body,
-            timeout=httpx.Timeout(60, read=2),
-        )
+        _chat(node, body, timeout=httpx.Timeout(60, read=2), key=key)
     freed = _wait(lambda: node.model(model)["engine_requests"] == 0, 10, step=0.02)
     _wait(lambda: node.model(model)["slots_in_use"] == 0, 10)
     r = httpx.get(node.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
@@ -150,12 +152,7 @@ def test_a_non_streaming_client_that_leaves_aborts_its_reply(node: NodeProcess) 
 
 
 def _prompt_tokens(node: NodeProcess, model: str) -> int:
-    r = httpx.post(
-        node.base_url + "/v1/chat/completions",
-        headers=_auth(node),
-        timeout=60,
-        json={"model": model, "messages": ESSAY, "max_tokens": 1},
-    )
+    r = _chat(node, {"model": model, "messages": ESSAY, "max_tokens": 1})
     return int(r.json()["usage"]["prompt_tokens"])
 
 
@@ -206,30 +203,15 @@ def _kill_mid_stream_then_recover(
     error = json.loads(rest[-2][6:])["error"]
     assert error["code"] in ("model_unavailable", "model_loading")
 
-    r = httpx.post(
-        node.base_url + "/v1/chat/completions",
-        headers=_auth(node),
-        timeout=30,
-        json={"model": model, "messages": QUESTION, "max_tokens": 10},
-    )
+    r = _chat(node, {"model": model, "messages": QUESTION, "max_tokens": 10}, timeout=30)
     assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
     # The other engines are untouched meanwhile.
-    other = httpx.post(
-        node.base_url + "/v1/chat/completions",
-        headers=_auth(node),
-        timeout=60,
-        json={"model": "qwen3.6:35b-a3b", "messages": QUESTION, "max_tokens": 10},
-    )
+    other = _chat(node, {"model": "qwen3.6:35b-a3b", "messages": QUESTION, "max_tokens": 10})
     assert other.status_code == 200
 
     _wait(lambda: _restarted(node.model(model), restarts), 300, step=1)
     print(f"engine kill -> ready again: {time.monotonic() - killed_at:.1f} s")
     card = node.model(model)
     assert card["restarts"] == restarts + 1
-    r = httpx.post(
-        node.base_url + "/v1/chat/completions",
-        headers=_auth(node),
-        timeout=60,
-        json={"model": model, "messages": QUESTION, "max_tokens": 20, "temperature": 0},
-    )
+    r = _chat(node, {"model": model, "messages": QUESTION, "max_tokens": 20, "temperature": 0})
     assert r.status_code == 200 and "Stockholm" in r.json()["choices"][0]["message"]["content"]
