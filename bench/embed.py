@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 from bench import procs
 from bench.config import MODELS, BenchConfig
@@ -92,24 +92,29 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
 
 
 async def drive_node(url: str, key: str, texts: list[str], conc: int) -> dict[str, Any]:
-    """``conc`` clients share the texts, one text per request; texts/s and latency per request."""
-    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
-    headers = {"Authorization": f"Bearer {key}"}
+    """``conc`` clients share the texts, one text per request; texts/s and latency per request.
+
+    The clients are aiohttp: httpx's pool spent about 4 ms of the 2 cores per request at c=64
+    (2.3 s of client CPU for 512 requests, against 0.08 s for aiohttp), which was taken from
+    the node under test."""
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     latencies: list[float] = []
     errors: list[int] = []
-    async with httpx.AsyncClient(
-        base_url=url, headers=headers, timeout=120, limits=limits
+    connector = aiohttp.TCPConnector(limit=conc)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(
+        base_url=url, headers=headers, connector=connector, timeout=timeout
     ) as client:
 
         async def one(text: str) -> None:
-            body = {"model": MODEL, "input": text, "encoding_format": "base64"}
+            body = json.dumps({"model": MODEL, "input": text, "encoding_format": "base64"})
             t0 = time.perf_counter()
-            r = await client.post("/v1/embeddings", json=body)
-            await r.aread()
-            if r.status_code == 200:
-                latencies.append((time.perf_counter() - t0) * 1000)
-            else:
-                errors.append(r.status_code)
+            async with client.post("/v1/embeddings", data=body) as r:
+                await r.read()
+                if r.status == 200:
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                else:
+                    errors.append(r.status)
 
         await asyncio.gather(*(one(t) for t in texts[:conc]))  # open connections, warm up
         latencies.clear()

@@ -19,7 +19,7 @@ PACKAGES = (
     "ctranslate2",
     "starlette",
     "uvicorn",
-    "httpx",
+    "aiohttp",
 )
 
 

@@ -10,12 +10,14 @@ loop with only S clients (no excess).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 from bench import procs
 from bench.config import MODELS, BenchConfig
@@ -32,39 +34,45 @@ PROMPT = (
 async def drive(
     url: str, key: str, clients: int, duration_s: float, max_tokens: int, retry_ms: int | None
 ) -> dict[str, Any]:
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "temperature": 0,
-    }
+    """Closed-loop aiohttp clients (httpx's pool cost the shared cores ms per request)."""
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
+    )
     tokens = 0
     admitted: list[float] = []
     refused: list[float] = []
     codes: Counter[str] = Counter()
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    headers = {"Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as c:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(
+        base_url=url, headers=headers, connector=connector, timeout=timeout
+    ) as c:
         start = time.perf_counter()
         deadline = start + duration_s
 
         async def client() -> None:
             nonlocal tokens
             while (now := time.perf_counter()) < deadline:
-                r = await c.post("/v1/chat/completions", json=body)
-                ms = (time.perf_counter() - now) * 1000
-                if r.status_code == 200:
-                    tokens += int(r.json()["usage"]["completion_tokens"])
+                async with c.post("/v1/chat/completions", data=body) as r:
+                    raw = await r.read()
+                    ms = (time.perf_counter() - now) * 1000
+                if r.status == 200:
+                    tokens += int(json.loads(raw)["usage"]["completion_tokens"])
                     admitted.append(ms)
                     continue
-                code = _error_code(r)
-                codes[f"{r.status_code} {code}"] += 1
-                if r.status_code != 429:
+                codes[f"{r.status} {_error_code(raw)}"] += 1
+                if r.status != 429:
                     await asyncio.sleep(0.05)
                     continue
                 refused.append(ms)
-                pause = _retry_s(r) if retry_ms is None else retry_ms / 1000
+                pause = _retry_s(r.headers) if retry_ms is None else retry_ms / 1000
                 await asyncio.sleep(max(0.0, min(pause, deadline - time.perf_counter())))
 
         await asyncio.gather(*(client() for _ in range(clients)))
@@ -83,19 +91,19 @@ async def drive(
     }
 
 
-def _error_code(r: httpx.Response) -> str:
+def _error_code(raw: bytes) -> str:
     try:
-        return str(r.json()["error"]["code"])
+        return str(json.loads(raw)["error"]["code"])
     except (ValueError, KeyError, TypeError):
         return "?"
 
 
-def _retry_s(r: httpx.Response) -> float:
+def _retry_s(headers: Mapping[str, str]) -> float:
     """What openai-python waits: retry-after-ms, else retry-after seconds (1 s if neither)."""
     try:
-        if "retry-after-ms" in r.headers:
-            return float(r.headers["retry-after-ms"]) / 1000
-        return float(r.headers.get("retry-after", "1"))
+        if "retry-after-ms" in headers:
+            return float(headers["retry-after-ms"]) / 1000
+        return float(headers.get("retry-after", "1"))
     except ValueError:
         return 1.0
 

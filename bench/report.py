@@ -15,13 +15,13 @@ NOTES = {
     "file); vllm bench serve streams chat completions with ignore_eos, so every request makes "
     "exactly the output length; each run starts a fresh `vllm bench serve` process, whose start "
     "is not timed.",
-    "embeddings": "Clients are asyncio httpx in the bench process, on the same cores as the node; "
+    "embeddings": "Clients are asyncio aiohttp in the bench process, on the same cores as the node; "
     "the ceiling is measured in its own process with no server running. Added latency = node "
     "p50 at the lowest concurrency minus in-process single-text encode p50.",
     "transcription": "Both sides get the WAV file (decoding included), language sv, the node's "
     "beam size, compute type and temperature fallback. Whisper pads every clip to 30 s windows, "
     "so short clips have a low real-time factor on both sides.",
-    "overload": "Closed-loop clients; after a 429 a client waits as the node's retry-after-ms "
+    "overload": "Closed-loop aiohttp clients; after a 429 a client waits as the node's retry-after-ms "
     "says (as openai-python does) unless --overload-retry-ms is given. Latencies are measured "
     "at the client, which shares the cores with the node.",
 }
