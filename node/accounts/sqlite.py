@@ -213,13 +213,13 @@ class SQLiteStore:
             return None  # malformed: refused without a lookup
 
         def go(conn: sqlite3.Connection) -> tuple[KeyRecord, Usage] | None:
-            with transaction(conn, "DEFERRED"):  # one read snapshot, one trip to the pool
+            with transaction(conn, "DEFERRED"):  # one read snapshot
                 row = self._resolve(conn, secret)
                 if row is None or row["revoked"]:
                     return None
                 return _record(row), Usage.of(row["limit_tokens"], self._used(conn, row, now))
 
-        return await self._run(go)
+        return await self._db.read(go)  # every request's first step: no hop to the pool
 
     async def usage(self, key_id: str, now: float) -> Usage:
         def go(conn: sqlite3.Connection) -> Usage:

@@ -41,6 +41,20 @@ class _Job:
     done: asyncio.Future[np.ndarray]
 
 
+def _plain_counter(tokenizer: Any) -> Any:
+    """The model's Rust tokenizer, copied, without truncation or padding: for counting.
+
+    A copy, because a fast tokenizer switches its padding/truncation state per call, so one
+    shared by counting (on the event loop) and ``encode`` (padding, on the engine's thread)
+    breaks batches that race. The raw tokenizer rather than the transformers wrapper, which
+    logs a warning for every input over the model's length (those get a 400 here anyway).
+    """
+    counter = copy.deepcopy(tokenizer.backend_tokenizer)
+    counter.no_truncation()
+    counter.no_padding()
+    return counter
+
+
 class SentenceTransformerEngine:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -63,10 +77,7 @@ class SentenceTransformerEngine:
         self._model = await self._on_thread(SentenceTransformer, self.spec.path, device=device)
         if self.spec.context_window:
             self._model.max_seq_length = self.spec.context_window
-        # A fast tokenizer switches its padding/truncation state per call, so one shared by
-        # count_tokens (no padding) and encode (padding, on the worker thread) breaks batches
-        # that race: a copy, always called the same way, never changes state.
-        self._counter = copy.deepcopy(self._model.tokenizer)
+        self._counter = _plain_counter(self._model.tokenizer)
         self._worker = asyncio.create_task(self._run(), name=f"embed:{self.spec.name}")
 
     @property
@@ -80,8 +91,7 @@ class SentenceTransformerEngine:
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per input as the model sees them (special tokens included); 400 for an input
         longer than the model's window (it would be cut silently otherwise)."""
-        encoded = self._counter(texts, add_special_tokens=True, truncation=False)
-        counts = [len(ids) for ids in encoded["input_ids"]]
+        counts = [len(e.ids) for e in self._counter.encode_batch(texts, add_special_tokens=True)]
         window = self.spec.context_window
         for i, n in enumerate(counts):
             if window and n > window:

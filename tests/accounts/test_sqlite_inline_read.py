@@ -1,0 +1,70 @@
+"""SQLiteStore's key lookup reads on the caller's thread, and still answers when it can't."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from node.accounts.plans import custom_plan
+from node.accounts.sqlite import SQLiteStore
+from node.accounts.sqlite_db import Database
+from node.accounts.store import StoreUnavailable, Usage
+from node.accounts.windows import Window
+
+from .support import run_with_store
+
+NOW = 1_750_000_000.0
+
+
+def test_key_lookup_needs_no_pool_thread(tmp_path: Path) -> None:
+    """With the pool's only thread held, authenticate_usage still answers: no hop to it."""
+    store = SQLiteStore(tmp_path / "accounts.db", threads=1)
+
+    async def body(s: SQLiteStore) -> None:
+        secret, rec = await s.create_key(custom_plan(1000, Window.HOUR))
+        await s.reserve(rec.id, 100, NOW)
+        release = threading.Event()
+        held = asyncio.ensure_future(s._db.run(lambda conn: release.wait(10)))
+        await asyncio.sleep(0.05)
+        try:
+            found = await asyncio.wait_for(s.authenticate_usage(secret, NOW), 2)
+        finally:
+            release.set()
+            await held
+        assert found is not None
+        assert found[0].id == rec.id and found[1] == Usage(1000, 100, 900)
+        assert await s.authenticate_usage("sk-st-" + "0" * 48, NOW) is None
+
+    run_with_store(store, body)
+
+
+def test_a_busy_inline_read_goes_to_the_pool(tmp_path: Path) -> None:
+    """SQLite answers a WAL reader busy only in rare cases (recovery after a crash): then the
+    read is retried on the pool, whose connections wait out the busy timeout."""
+    db = Database(tmp_path / "accounts.db", busy_timeout_s=5, threads=1)
+    loop_thread = threading.get_ident()
+
+    def lookup(conn: sqlite3.Connection) -> str:
+        if threading.get_ident() == loop_thread:
+            busy = sqlite3.OperationalError("database is locked")
+            busy.sqlite_errorcode = sqlite3.SQLITE_BUSY
+            raise busy
+        return str(conn.execute("SELECT 'from the pool'").fetchone()[0])
+
+    def broken(conn: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def body() -> None:
+        await db.run(lambda conn: None)  # schema made, as by any store call
+        assert await db.read(lookup) == "from the pool"
+        with pytest.raises(StoreUnavailable):
+            await db.read(broken)
+
+    try:
+        asyncio.run(body())
+    finally:
+        db.close()
