@@ -23,7 +23,9 @@ NOTES = {
     "so short clips have a low real-time factor on both sides.",
     "overload": "Closed-loop aiohttp clients; after a 429 a client waits as the node's retry-after-ms "
     "says (as openai-python does) unless --overload-retry-ms is given. Latencies are measured "
-    "at the client, which shares the cores with the node.",
+    "at the client, which shares the cores with the node, and by the node itself: the "
+    "quantiles of its /metrics histogram (arrival in the app to last byte; interpolated within "
+    "buckets of 0.5, 1, 2, 5, 10 ms) over the run's 429 answers.",
 }
 TITLES = {
     "chat": "Chat: the node against `vllm serve` (driven by `vllm bench serve`)",

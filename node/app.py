@@ -1,6 +1,7 @@
 """The node as a Starlette app. A request flows top to bottom:
 
-    DrainMiddleware: 503 shutting_down once SIGTERM came; counts requests in flight
+    MetricsMiddleware: times every request by route and status (GET /metrics)
+    -> DrainMiddleware: 503 shutting_down once SIGTERM came; counts requests in flight
     -> AccountMiddleware: key (401), X-RateLimit-* headers on whatever goes out
     -> route -> handler (api/*) -> registry.resolve (404/400) -> require_ready (503)
     -> admit a slot (429 model_busy) -> reserve the estimate (429 insufficient_quota)
@@ -23,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from node import metrics
 from node.accounts import Store
 from node.api import audio, chat, embeddings, health, models
 from node.billing import AccountMiddleware, flush_settles
@@ -37,6 +39,7 @@ from node.errors import (
     error_response,
 )
 from node.images import ImagePolicy
+from node.metrics import Metrics, MetricsMiddleware
 from node.registry import EngineFactory, Registry
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ ROUTES = [
     Route("/health", health.health, methods=["GET"]),
     Route("/health/live", health.live, methods=["GET"]),
     Route("/health/ready", health.ready, methods=["GET"]),
+    Route("/metrics", metrics.metrics, methods=["GET"]),
 ]
 
 
@@ -81,6 +85,7 @@ def create_app(
 ) -> Starlette:
     registry = Registry(specs, factory)
     drain = Drain()
+    meters = Metrics(registry, [route.path for route in ROUTES])
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -97,6 +102,7 @@ def create_app(
         routes=ROUTES,
         lifespan=lifespan,
         middleware=[
+            Middleware(MetricsMiddleware, metrics=meters),
             Middleware(DrainMiddleware, drain=drain),
             Middleware(AccountMiddleware, store=store),
         ],
@@ -110,5 +116,6 @@ def create_app(
     app.state.registry = registry
     app.state.started_at = int(time.time())
     app.state.drain = drain
+    app.state.metrics = meters
     app.state.image_policy = ImagePolicy(allowed_hosts=frozenset(settings.image_allowed_hosts))
     return app

@@ -1,0 +1,58 @@
+"""GET /metrics on the real node: request durations by route and status, model gauges."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.node_process import NodeProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def _samples(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    r = httpx.get(node.base_url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def _count(samples: dict, route: str, status: int) -> float:
+    labels = (("route", route), ("status", str(status)))
+    return samples.get(("staik_request_duration_seconds_count", labels), 0.0)
+
+
+def test_requests_are_counted_by_route_and_status(node: NodeProcess, client: openai.OpenAI) -> None:
+    before = _samples(node)
+    client.models.list()
+    client.models.retrieve("qwen3.5:9b")
+    for _ in range(2):  # refused before routing: labelled by the route's path all the same
+        assert httpx.get(node.base_url + "/v1/models").status_code == 401
+    assert httpx.get(node.base_url + "/v1/nope").status_code == 401
+    after = _samples(node)
+
+    def grew(route: str, status: int) -> float:
+        return _count(after, route, status) - _count(before, route, status)
+
+    assert grew("/v1/models", 200) == 1
+    assert grew("/v1/models/{model:path}", 200) == 1
+    assert grew("/v1/models", 401) == 2
+    assert grew("unrouted", 401) == 1
+    labels = (("route", "/v1/models"), ("status", "200"))
+    assert after[("staik_request_duration_seconds_sum", labels)] > 0
+
+
+def test_models_report_state_and_slots(node: NodeProcess) -> None:
+    samples = _samples(node)
+    ready = (("model", "bge-m3:latest"), ("state", "ready"))
+    loading = (("model", "bge-m3:latest"), ("state", "loading"))
+    assert samples[("staik_model_state", ready)] == 1
+    assert samples[("staik_model_state", loading)] == 0
+    assert samples[("staik_slots", (("model", "qwen3.5:9b"),))] >= 1
+    assert samples[("staik_slots_in_use", (("model", "qwen3.5:9b"),))] == 0
+    assert ("staik_model_restarts_total", (("model", "gemma4:31b"),)) in samples
