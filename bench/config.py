@@ -28,7 +28,7 @@ class BenchConfig:
     # embeddings: single-input requests against the in-process ceiling
     embed_concurrency: tuple[int, ...] = (1, 16, 64)
     embed_texts: int = 512
-    embed_batch_sizes: tuple[int, ...] = (16, 32, 64, 128)
+    embed_batch_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
     embed_single_samples: int = 64
     # transcription: espeak-ng clips (the short one is one sentence, about 5 s)
     long_clip_s: float = 600.0

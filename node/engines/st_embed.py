@@ -11,7 +11,8 @@ team.
 ``encode`` sorts the texts of a call by length and runs them ``batch_size`` at a time, each
 sub-batch padded to its longest text. Gathering many texts but encoding them in small
 sub-batches (``batch_size``, 16 by default) keeps the padding small: on the CPU stand-in, 64
-mixed-length texts encode at about 150 texts/s in sub-batches of 16 against 95 in one batch.
+mixed-length texts encode at about 150 texts/s in sub-batches of 16 against 95 in one batch,
+and 32 of them at about 145 in sub-batches of 8 against 133 at 16 (the stand-in's files use 8).
 """
 
 from __future__ import annotations
