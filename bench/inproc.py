@@ -2,6 +2,7 @@
 
     python -m bench.inproc embeddings SPEC.json OUT.json
     python -m bench.inproc whisper SPEC.json OUT.json
+    python -m bench.inproc single-encoder SPEC.json   (JSON lines in and out, see there)
 
 SPEC.json says what to measure; OUT.json gets one entry per repetition.
 """
@@ -60,6 +61,24 @@ def embeddings(spec: dict[str, Any]) -> dict[str, Any]:
     return {"reps": reps}
 
 
+def single_encoder(spec: dict[str, Any]) -> None:
+    """Stays loaded: for each JSON list of texts on stdin, encodes them one at a time as the
+    node's engine does and answers the latencies (ms) as one JSON line; "ready" first."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(spec["path"], device="cpu")
+    model.max_seq_length = int(spec["max_seq_length"])
+    model.encode(spec["texts"][:64], batch_size=64)  # warm-up
+    print(json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        latencies = []
+        for text in json.loads(line):
+            t0 = time.perf_counter()
+            model.encode([text], batch_size=1, convert_to_numpy=True, normalize_embeddings=True)
+            latencies.append((time.perf_counter() - t0) * 1000)
+        print(json.dumps(latencies), flush=True)
+
+
 def whisper(spec: dict[str, Any]) -> dict[str, Any]:
     """faster-whisper with the node's settings on each clip (file path in, so decoding counts
     as it does in the node); the long clip also through BatchedInferencePipeline."""
@@ -113,6 +132,9 @@ def whisper(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[0] == "single-encoder":
+        single_encoder(json.loads(Path(argv[1]).read_text()))
+        return 0
     kind, spec_path, out_path = argv
     spec = json.loads(Path(spec_path).read_text())
     result = {"embeddings": embeddings, "whisper": whisper}[kind](spec)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -154,6 +156,49 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LineChild:
+    """A child that answers each JSON line on its stdin with one JSON line on its stdout (an
+    in-process reference kept loaded, so its samples can interleave with the node's)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self._log = open(log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        _live.append(self.proc)
+
+    def ask(self, request: Any, timeout_s: float = 300) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self.answer(timeout_s)
+
+    def answer(self, timeout_s: float = 300) -> Any:
+        """The child's next line (its greeting first), within ``timeout_s``."""
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            kill_group(self.proc, grace_s=2)
+            raise RuntimeError(f"{self.proc.args[:4]} gave no answer (exit {self.proc.returncode})")
+        return json.loads(line)
+
+    def __enter__(self) -> LineChild:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        kill_group(self.proc, grace_s=2)
+        self._log.close()
 
 
 def node_server(models_file: Path, env: dict[str, str], log_path: Path) -> Server:

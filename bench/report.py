@@ -17,7 +17,8 @@ NOTES = {
     "is not timed.",
     "embeddings": "Clients are asyncio aiohttp in the bench process, on the same cores as the node; "
     "the ceiling is measured in its own process with no server running. Added latency = node "
-    "p50 at the lowest concurrency minus in-process single-text encode p50.",
+    "p50 at c=1 minus the p50 of an in-process reference that encodes the same texts one at a "
+    "time, in blocks of 32 interleaved with the node's (the machine's speed drifts by minutes).",
     "transcription": "Both sides get the WAV file (decoding included), language sv, the node's "
     "beam size, compute type and temperature fallback. Whisper pads every clip to 30 s windows, "
     "so short clips have a low real-time factor on both sides.",
