@@ -27,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         # The drain already waited for requests in flight; this only bounds what is left.
         timeout_graceful_shutdown=5,
         lifespan="on",
