@@ -118,3 +118,24 @@ def test_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> None:
         assert pool.try_acquire() is not None
 
     asyncio.run(scenario())
+
+
+def test_a_refusal_first_lets_releases_already_under_way_finish() -> None:
+    """A slot freed within the next event-loop turns (a client's disconnect being handled) is
+    taken; one still busy after them is refused, without waiting any real time."""
+
+    async def main() -> None:
+        pool = SlotPool(1)
+        held = pool.try_acquire()
+        assert held is not None
+        loop = asyncio.get_running_loop()
+        loop.call_soon(lambda: loop.call_soon(held.release))  # two turns away
+        taken = await pool.acquire()
+        assert taken is not None and pool.in_use == 1
+
+        loop.call_later(0.05, taken.release)  # real time away: refused at once
+        t0 = loop.time()
+        assert await pool.acquire() is None
+        assert loop.time() - t0 < 0.01
+
+    asyncio.run(main())
