@@ -146,7 +146,9 @@ def run_overload(
                 print(
                     f"  overload {name:8s} {clients:3d} clients rep {rep}: "
                     f"{run['admitted_tok_s']:.1f} tok/s admitted, {run['refused']} x 429"
-                    + (f" (p99 {p99:.1f} ms, in the node {in_node:.2f} ms)" if p99 else "")
+                    + ("" if p99 is None else f" (p99 {p99:.1f} ms")
+                    + ("" if in_node is None else f", in the node {in_node:.2f} ms")
+                    + ("" if p99 is None else ")")
                     + f", errors {run['errors']}",
                     flush=True,
                 )

@@ -198,6 +198,9 @@ class LineChild:
 
     def __exit__(self, *exc: object) -> None:
         kill_group(self.proc, grace_s=2)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
         self._log.close()
 
 

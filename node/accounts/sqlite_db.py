@@ -4,6 +4,7 @@ pool, one connection per thread, explicit transactions, sqlite errors as StoreUn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sqlite3
 import threading
@@ -108,6 +109,7 @@ class Database:
         self._conns: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._schema_ready = False
+        self._closed = False
 
     def _connect(self, busy_timeout_s: float | None = None) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,30 +152,43 @@ class Database:
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """A read-only ``fn`` on this thread's own connection, without the hop to the pool.
 
-        A WAL reader never waits for writers, and a few indexed SELECTs take tens of
+        A WAL reader does not take the writers' lock, and a few indexed SELECTs take tens of
         microseconds, far less than the hop: under load the pool thread waits for the GIL
         while the event loop runs, which made the key lookup of every request (a 429 too)
         cost ~2 ms at the median. If SQLite is busy all the same (recovery after a crash,
-        another process's exclusive lock), the read goes to the pool, which may wait.
+        another process's exclusive lock), the read goes to the pool, which may wait. After
+        any other failure the connection is dropped, so no half-open transaction outlives it.
         """
+        if self._closed:
+            raise StoreUnavailable(f"sqlite {self.path}: closed")
         if not self._schema_ready:  # the first connection creates the schema: on the pool
             return await self.run(fn, *args)
+        conn = getattr(self._inline, "conn", None)
         try:
-            conn = getattr(self._inline, "conn", None)
             if conn is None:
                 conn = self._inline.conn = self._connect(busy_timeout_s=0)
             return fn(conn, *args)
         except sqlite3.OperationalError as e:
             code = getattr(e, "sqlite_errorcode", 0) & 0xFF  # the primary of an extended code
             if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                self._drop_inline(conn)
                 raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
-        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
-            raise
         except (sqlite3.DatabaseError, OSError) as e:
+            self._drop_inline(conn)
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
         return await self.run(fn, *args)
 
+    def _drop_inline(self, conn: sqlite3.Connection | None) -> None:
+        self._inline.conn = None
+        if conn is not None:
+            with self._lock:
+                if conn in self._conns:
+                    self._conns.remove(conn)
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=True)
         with self._lock:
             conns, self._conns = self._conns, []

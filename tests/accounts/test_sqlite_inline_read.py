@@ -63,6 +63,7 @@ def test_a_busy_inline_read_goes_to_the_pool(tmp_path: Path) -> None:
         assert await db.read(lookup) == "from the pool"
         with pytest.raises(StoreUnavailable):
             await db.read(broken)
+        assert await db.read(lambda conn: conn.execute("SELECT 7").fetchone()[0]) == 7
 
     try:
         asyncio.run(body())
