@@ -121,17 +121,24 @@ def test_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> None:
 
 
 def test_a_refusal_first_lets_releases_already_under_way_finish() -> None:
-    """A slot freed within the next event-loop turns (a client's disconnect being handled) is
-    taken; one still busy after them is refused, without waiting any real time."""
+    """A slot freed in the next event-loop turn (a client's disconnect being handled) is
+    taken; one still busy after it is refused, without waiting any real time."""
 
     async def main() -> None:
         pool = SlotPool(1)
         held = pool.try_acquire()
         assert held is not None
         loop = asyncio.get_running_loop()
-        loop.call_soon(lambda: loop.call_soon(held.release))  # two turns away
+        loop.call_soon(held.release)  # handled in the next turn
         taken = await pool.acquire()
         assert taken is not None and pool.in_use == 1
+
+        loop.call_soon(lambda: loop.call_soon(taken.release))  # two turns away: too late
+        assert await pool.acquire() is None
+        await asyncio.sleep(0)
+        assert pool.in_use == 0
+        taken = pool.try_acquire()
+        assert taken is not None
 
         loop.call_later(0.05, taken.release)  # real time away: refused at once
         t0 = loop.time()
