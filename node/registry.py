@@ -1,4 +1,5 @@
-"""Model lifecycle: loading -> ready -> failed | restarting -> ready; one entry per public model.
+"""Model lifecycle: loading -> ready | failed (retried) -> ready; ready -> restarting -> ready;
+one entry per public model.
 
 Models load in the background so the HTTP server answers (503) from the first moment. A
 watcher notices an engine that died (vLLM's engine core process, say) and restarts it with
@@ -28,6 +29,7 @@ EngineFactory = Callable[[ModelSpec], Engine]
 _EXPECTED_LOAD_S = {ModelKind.CHAT: 60.0, ModelKind.EMBEDDING: 10.0, ModelKind.TRANSCRIPTION: 10.0}
 _WATCH_INTERVAL_S = 1.0
 _MAX_BACKOFF_S = 60.0
+_FIRST_RETRY_S = 5.0
 
 
 def freeze_gc_heap() -> None:
@@ -122,9 +124,17 @@ class ModelEntry:
         return True
 
     async def run(self) -> None:
-        """Load, then watch: a dead engine is stopped and loaded again with back-off."""
-        if not await self.load():
-            return
+        """Load, then watch: a dead engine is stopped and loaded again with back-off.
+
+        A failed first load is tried again too, from ``_FIRST_RETRY_S`` doubling up to
+        ``_MAX_BACKOFF_S`` (GPU memory still held by a process that is going away, a model
+        folder being synced); meanwhile the model answers 503 model_unavailable with the
+        reason, as ``/v1/models`` shows it.
+        """
+        backoff = _FIRST_RETRY_S
+        while not await self.load():
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
         backoff = 1.0
         while True:
             with contextlib.suppress(TimeoutError):

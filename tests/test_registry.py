@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from node import registry
 from node.config import ModelKind, ModelSpec
 from node.errors import ModelNotFound, Unavailable, WrongModelKind
 from node.registry import ModelEntry, ModelState, Registry
@@ -30,14 +31,22 @@ class ScriptedEngine:
         self.stopped = True
 
 
+async def _until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
 def test_failed_load_is_503_model_unavailable_with_the_reason() -> None:
     async def scenario() -> None:
         entry = ModelEntry(SPEC, lambda spec: ScriptedEngine(fail=True))
-        await entry.run()
-        assert entry.state is ModelState.FAILED and "weights not found" in (entry.error or "")
+        task = asyncio.create_task(entry.run())
+        await _until(lambda: entry.state is ModelState.FAILED)
+        assert "weights not found" in (entry.error or "")
         with pytest.raises(Unavailable) as info:
             entry.require_ready()
         assert info.value.code == "model_unavailable"
+        task.cancel()
 
     asyncio.run(scenario())
 
@@ -46,9 +55,35 @@ def test_a_factory_that_raises_is_a_failed_load_not_a_stuck_one() -> None:
     def factory(spec: ModelSpec) -> ScriptedEngine:
         raise ValueError("bad engine option")
 
-    entry = ModelEntry(SPEC, factory)
-    asyncio.run(entry.run())
-    assert entry.state is ModelState.FAILED
+    async def scenario() -> None:
+        entry = ModelEntry(SPEC, factory)
+        task = asyncio.create_task(entry.run())
+        await _until(lambda: entry.state is ModelState.FAILED)
+        assert "bad engine option" in (entry.error or "")
+        task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_first_load_is_tried_again_with_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first start fails (say, GPU memory not yet freed), the next ones succeed."""
+    monkeypatch.setattr(registry, "_FIRST_RETRY_S", 0.01)
+    made: list[ScriptedEngine] = []
+
+    def factory(spec: ModelSpec) -> ScriptedEngine:
+        made.append(ScriptedEngine(fail=len(made) < 2))
+        return made[-1]
+
+    async def scenario() -> None:
+        entry = ModelEntry(SPEC, factory)
+        task = asyncio.create_task(entry.run())
+        await _until(lambda: entry.state is ModelState.READY)
+        assert len(made) == 3 and made[0].stopped and made[1].stopped
+        assert entry.engine is made[2] and entry.require_ready() is made[2]
+        assert entry.restarts == 0 and entry.error is None
+        task.cancel()
+
+    asyncio.run(scenario())
 
 
 def test_loading_is_503_model_loading_with_retry_after() -> None:
