@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from bench import procs
+from bench.clients import session
 from bench.config import MODELS, BenchConfig
 from bench.rows import Row, Series, compare_row, series_of, value_row
 from bench.stats import percentile, summary
@@ -92,19 +91,10 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
 
 
 async def drive_node(url: str, key: str, texts: list[str], conc: int) -> dict[str, Any]:
-    """``conc`` clients share the texts, one text per request; texts/s and latency per request.
-
-    The clients are aiohttp: httpx's pool spent about 4 ms of the 2 cores per request at c=64
-    (2.3 s of client CPU for 512 requests, against 0.08 s for aiohttp), which was taken from
-    the node under test."""
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    """``conc`` clients share the texts, one text per request; texts/s and latency per request."""
     latencies: list[float] = []
     errors: list[int] = []
-    connector = aiohttp.TCPConnector(limit=conc)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(
-        base_url=url, headers=headers, connector=connector, timeout=timeout
-    ) as client:
+    async with session(url, key, conc) as client:
 
         async def one(text: str) -> None:
             body = json.dumps({"model": MODEL, "input": text, "encoding_format": "base64"})

@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from bench import procs
+from bench.clients import session
 from bench.config import MODELS, BenchConfig
 from bench.node_metrics import quantile_ms, scrape
 from bench.rows import Row, bars_of, compare_row, value_row
@@ -36,7 +35,6 @@ PROMPT = (
 async def drive(
     url: str, key: str, clients: int, duration_s: float, max_tokens: int, retry_ms: int | None
 ) -> dict[str, Any]:
-    """Closed-loop aiohttp clients (httpx's pool cost the shared cores ms per request)."""
     body = json.dumps(
         {
             "model": MODEL,
@@ -50,12 +48,7 @@ async def drive(
     admitted: list[float] = []
     refused: list[float] = []
     codes: Counter[str] = Counter()
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=clients)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(
-        base_url=url, headers=headers, connector=connector, timeout=timeout
-    ) as c:
+    async with session(url, key, clients) as c:
         start = time.perf_counter()
         deadline = start + duration_s
 
@@ -142,13 +135,18 @@ def run_overload(
                 run["node_refused_p50_ms"] = quantile_ms(0.5, before, after)
                 run["node_refused_p99_ms"] = quantile_ms(0.99, before, after)
                 runs[name].append(run)
-                p99, in_node = run["refused_p99_ms"], run["node_refused_p99_ms"]
+                p99s = [
+                    f"{where} {v:.2f} ms"
+                    for where, v in (
+                        ("at the client", run["refused_p99_ms"]),
+                        ("in the node", run["node_refused_p99_ms"]),
+                    )
+                    if v is not None
+                ]
                 print(
                     f"  overload {name:8s} {clients:3d} clients rep {rep}: "
                     f"{run['admitted_tok_s']:.1f} tok/s admitted, {run['refused']} x 429"
-                    + ("" if p99 is None else f" (p99 {p99:.1f} ms")
-                    + ("" if in_node is None else f", in the node {in_node:.2f} ms")
-                    + ("" if p99 is None else ")")
+                    + (f" (p99 {', '.join(p99s)})" if p99s else "")
                     + f", errors {run['errors']}",
                     flush=True,
                 )

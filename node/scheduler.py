@@ -2,8 +2,8 @@
 
 The concurrency rule: a model runs at most ``slots`` requests at once. Admission is a
 non-blocking try-acquire; a request may wait up to the model's ``queue_timeout_ms`` for a slot
-(0 by default: answer 429 after one event-loop turn, no real waiting). A permit is held for the whole request, streams included,
-and released exactly once, in every outcome. When refusing, the pool estimates how soon a slot
+(0 by default: answer 429 after one event-loop turn, no real waiting). A permit is held for
+the whole request, streams included, and released exactly once, in every outcome. When refusing, the pool estimates how soon a slot
 frees from how fast its slots have been freeing lately (the mean hold time of recent requests
 divided by the number of slots), so clients get an honest Retry-After.
 """
