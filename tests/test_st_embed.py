@@ -1,0 +1,127 @@
+"""The sentence-transformers engine on the real stand-in: its lean encode loop gives what
+``SentenceTransformer.encode`` gives, it batches what waits, and drops what was cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from node.config import ModelKind, ModelSpec, load_models
+from node.engines.base import EngineDead
+from node.engines.st_embed import SentenceTransformerEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = [
+    "Hej.",
+    "Stockholm är Sveriges huvudstad och ligger vid Mälarens utlopp i Östersjön.",
+    "The council decided to invest in new rail lines.",
+    "Ö",
+    " ".join(["Regeringen presenterade budgeten för nästa år"] * 12),
+    "Emoji and symbols: ☃ € ✓ 😀",
+    "Kort mening om vädret i Göteborg.",
+    "A second sentence of middling length, in English, about cold weather and energy.",
+    "Tåget till Malmö är försenat.",
+    "x",
+]
+
+
+def _spec() -> ModelSpec:
+    models_dir = os.environ.get("STAIK_MODELS_DIR") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "staik-node" / "models"
+    )
+    specs = load_models((ROOT / "models.standin.yaml").read_text(), Path(models_dir))
+    return next(s for s in specs if s.kind is ModelKind.EMBEDDING)
+
+
+def _with_engine(body: Callable[[SentenceTransformerEngine], Awaitable[None]]) -> None:
+    async def main() -> None:
+        engine = SentenceTransformerEngine(_spec())
+        await engine.start()
+        try:
+            await body(engine)
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_vectors_match_sentence_transformers_encode() -> None:
+    async def body(engine: SentenceTransformerEngine) -> None:
+        expected = engine._model.encode(
+            TEXTS, batch_size=engine.batch_size, normalize_embeddings=True, convert_to_numpy=True
+        )
+        got = await engine.embed(TEXTS)
+        assert got.shape == expected.shape == (len(TEXTS), engine.dimensions)
+        assert np.allclose(got, expected, atol=1e-5)
+        alone = await engine.embed([TEXTS[4]])  # alone: padded to nothing but itself
+        assert np.allclose(alone[0], expected[4], atol=1e-5)
+
+    _with_engine(body)
+
+
+class _Gate:
+    """Wraps the engine's ``_vectors``: records each batch and holds the first one until
+    ``release``, so a test can queue more work behind it deterministically."""
+
+    def __init__(self, engine: SentenceTransformerEngine) -> None:
+        self.batches: list[list[str]] = []
+        self.started = threading.Event()
+        self.released = threading.Event()
+        self._vectors = engine._vectors
+        engine._vectors = self  # type: ignore[method-assign]
+
+    def __call__(self, texts: list[str]) -> Any:
+        self.batches.append(list(texts))
+        if len(self.batches) == 1:
+            self.started.set()
+            self.released.wait(30)
+        return self._vectors(texts)
+
+    async def wait_started(self) -> None:
+        assert await asyncio.to_thread(self.started.wait, 30)
+
+
+def test_waiting_requests_share_a_batch_and_cancelled_ones_are_left_out() -> None:
+    async def body(engine: SentenceTransformerEngine) -> None:
+        gate = _Gate(engine)
+        first = engine.embed([TEXTS[4]])
+        await gate.wait_started()
+        waiting = [engine.embed([t]) for t in TEXTS[:3]]
+        gone = engine.embed(["this request went away"])
+        gone.cancel()
+        gate.released.set()
+        results = await asyncio.gather(first, *waiting)
+        assert gate.batches[:2] == [[TEXTS[4]], TEXTS[:3]]  # the three waited, then went as one
+        for text, result in zip([TEXTS[4], *TEXTS[:3]], results, strict=True):
+            assert np.allclose(result, await engine.embed([text]), atol=1e-5)
+
+    _with_engine(body)
+
+
+def test_stop_fails_waiting_requests_and_refuses_new_ones() -> None:
+    async def main() -> None:
+        engine = SentenceTransformerEngine(_spec())
+        await engine.start()
+        gate = _Gate(engine)
+        running = engine.embed([TEXTS[4]])
+        await gate.wait_started()
+        queued = engine.embed(["queued behind the running batch"])
+        stopping = asyncio.ensure_future(engine.stop())
+        await asyncio.sleep(0.05)  # stop() has queued its sentinel behind the job
+        gate.released.set()
+        await stopping
+        assert (await running).shape == (1, 384)  # the batch in flight ends normally
+        with pytest.raises(EngineDead):
+            await queued
+        with pytest.raises(EngineDead):
+            await engine.embed(["after stop"])
+        assert gate.batches == [[TEXTS[4]]] and not engine.dead
+
+    asyncio.run(main())
