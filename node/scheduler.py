@@ -3,14 +3,19 @@
 The concurrency rule: a model runs at most ``slots`` requests at once. Admission is a
 non-blocking try-acquire; a request may wait up to the model's ``queue_timeout_ms`` for a slot
 (0 by default: answer 429 after one event-loop turn, no real waiting). A permit is held for
-the whole request, streams included, and released exactly once, in every outcome. When refusing, the pool estimates how soon a slot
-frees from how fast its slots have been freeing lately (the mean hold time of recent requests
-divided by the number of slots), so clients get an honest Retry-After.
+the whole request, streams included, and released exactly once, in every outcome. When
+refusing, the pool estimates how soon a slot frees from how fast its slots have been freeing
+lately (the mean hold time of recent requests divided by the number of slots), so clients get
+an honest Retry-After. The estimate is spread at random between half and one and a half times
+itself (the mean stays honest): the openai SDK sleeps exactly what Retry-After says, so
+clients refused together and told the same figure would all come back in the same instant and
+queue behind one another again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,12 +52,14 @@ class SlotPool:
         total: int,
         queue_timeout_ms: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        spread: Callable[[], float] = lambda: random.uniform(0.5, 1.5),
     ) -> None:
         if total < 1:
             raise ValueError("a model needs at least one slot")
         self.total = total
         self.queue_timeout_s = queue_timeout_ms / 1000
         self._clock = clock
+        self._spread = spread
         self._in_use = 0
         self._holds: deque[float] = deque(maxlen=_RECENT)
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -113,7 +120,7 @@ class SlotPool:
         self._in_use -= 1
 
     def retry_after_s(self) -> float:
-        """Expected seconds until a slot frees, from the recent mean hold time."""
+        """Expected seconds until a slot frees, from the recent mean hold time, spread."""
         mean_hold = sum(self._holds) / len(self._holds) if self._holds else _DEFAULT_HOLD_S
         queued = len(self._waiters) + 1
-        return max(0.05, mean_hold * queued / self.total)
+        return max(0.05, mean_hold * queued / self.total * self._spread())

@@ -28,13 +28,27 @@ def test_try_acquire_refuses_beyond_total_and_release_is_idempotent() -> None:
 
 def test_retry_estimate_follows_recent_hold_times() -> None:
     clock = Clock()
-    pool = SlotPool(2, clock=clock)
+    pool = SlotPool(2, clock=clock, spread=lambda: 1.0)
     for _ in range(4):
         p = pool.try_acquire()
         assert p
         clock.t += 3.0
         p.release()
     assert pool.retry_after_s() == pytest.approx(1.5)  # mean hold 3 s over 2 slots
+
+
+def test_retry_estimates_are_spread_around_the_estimate() -> None:
+    """Clients refused together must not all be told to come back at the same instant."""
+    clock = Clock()
+    pool = SlotPool(1, clock=clock)
+    p = pool.try_acquire()
+    assert p
+    clock.t += 2.0
+    p.release()
+    told = [pool.retry_after_s() for _ in range(400)]
+    assert all(1.0 <= t <= 3.0 for t in told)  # half to one and a half times 2 s
+    assert len({round(t, 3) for t in told}) > 100
+    assert sum(told) / len(told) == pytest.approx(2.0, rel=0.1)
 
 
 def test_zero_slots_is_a_config_error() -> None:
