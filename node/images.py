@@ -251,7 +251,7 @@ async def _inline_remote(url: str, policy: ImagePolicy, where: str) -> str:
         raise _bad_url(where, f"image fetch timed out after {policy.timeout_s:g}s") from None
     except httpx.HTTPError as exc:
         raise _bad_url(where, f"fetching the image failed ({type(exc).__name__})") from None
-    mime = _check_image(data, policy, where)
+    mime = await asyncio.to_thread(_check_image, data, policy, where)
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -262,8 +262,8 @@ async def _inline_part(part: dict, policy: ImagePolicy, where: str) -> dict:
     if not isinstance(url, str) or not url.strip():
         raise _bad_url(where, "image_url part needs an image_url.url string")
     url = url.strip()
-    if url[:5].lower() == "data:":
-        new_url = _inline_data_url(url, policy, where)
+    if url[:5].lower() == "data:":  # decoding and checking megabytes: off the event loop
+        new_url = await asyncio.to_thread(_inline_data_url, url, policy, where)
     else:
         new_url = await _inline_remote(url, policy, where)
     return {**part, "image_url": {**spec, "url": new_url}}

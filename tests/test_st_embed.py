@@ -4,20 +4,18 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from node.config import ModelKind, ModelSpec, load_models
+from node.config import ModelKind, ModelSpec
 from node.engines.base import EngineDead
 from node.engines.st_embed import SentenceTransformerEngine
+from tests.standins import standin_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [
     "Hej.",
     "Stockholm är Sveriges huvudstad och ligger vid Mälarens utlopp i Östersjön.",
@@ -33,11 +31,7 @@ TEXTS = [
 
 
 def _spec() -> ModelSpec:
-    models_dir = os.environ.get("STAIK_MODELS_DIR") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "staik-node" / "models"
-    )
-    specs = load_models((ROOT / "models.standin.yaml").read_text(), Path(models_dir))
-    return next(s for s in specs if s.kind is ModelKind.EMBEDDING)
+    return standin_spec(ModelKind.EMBEDDING)
 
 
 def _with_engine(body: Callable[[SentenceTransformerEngine], Awaitable[None]]) -> None:

@@ -11,10 +11,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from node.api import transcript_formats as fmt
-from node.api.common import admit, parse
+from node.api.common import ClientGone, admit, cancel_if_client_leaves, parse
 from node.api.uploads import read_form
 from node.billing import bill_of
 from node.config import ModelKind
+from node.engines.base import TranscriptionProgress
 from node.engines.whisper import SAMPLE_RATE, decode_audio, is_language
 from node.errors import InvalidRequest
 from node.metering import audio_headers, audio_tokens
@@ -55,11 +56,23 @@ async def transcriptions(request: Request) -> Response:
             charge = audio_tokens(len(audio) / SAMPLE_RATE)
             await bill.reserve(charge)
             used = 0
+            progress = TranscriptionProgress()
             try:
-                transcript = await engine.transcribe(
-                    audio, language=req.language, prompt=req.prompt, temperature=req.temperature
+                transcript = await cancel_if_client_leaves(
+                    request,
+                    engine.transcribe(
+                        audio,
+                        language=req.language,
+                        prompt=req.prompt,
+                        temperature=req.temperature,
+                        progress=progress,
+                    ),
                 )
                 used = charge
+            except ClientGone:
+                # Decoding stopped after the segment in hand: the audio transcribed is billed.
+                used = min(charge, audio_tokens(progress.done_s))
+                return Response(status_code=499)  # nobody reads it; the access log shows why
             finally:
                 await bill.settle(used)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -72,6 +73,15 @@ class Segment:
 
 
 @dataclass
+class TranscriptionProgress:
+    """Shared by a transcription and its caller: ``stop`` asks the engine to end after the
+    segment it is decoding; ``done_s`` is the audio transcribed so far."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    done_s: float = 0.0
+
+
+@dataclass
 class Transcript:
     text: str
     language: str
@@ -109,4 +119,5 @@ class TranscriptionEngine(Engine, Protocol):
         language: str | None,
         prompt: str | None,
         temperature: float,
+        progress: TranscriptionProgress | None = None,
     ) -> Transcript: ...

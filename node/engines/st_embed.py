@@ -115,7 +115,7 @@ class SentenceTransformerEngine:
         """
         assert self._loop is not None, "embed() before start()"
         job = _Job(texts, self._loop.create_future())
-        if self._stopping:
+        if self._stopping or self.dead:
             job.done.set_exception(_stopped(self.spec.name))
         else:
             self._jobs.put(job)
@@ -137,10 +137,12 @@ class SentenceTransformerEngine:
             self._call_soon(_resolve, loaded, None, exc)
             return
         self._call_soon(_resolve, loaded, None, None)
-        while (jobs := self._next_batch()) is not None:
-            if jobs:
-                self._encode(jobs)
-        self._fail_queued()
+        try:
+            while (jobs := self._next_batch()) is not None:
+                if jobs:
+                    self._encode(jobs)
+        finally:  # stopped, or (a bug) died: nobody may wait forever
+            self._fail_queued()
 
     def _load(self) -> Any:
         from sentence_transformers import SentenceTransformer

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from node.config import ModelSpec
-from node.engines.base import Segment, Transcript
+from node.engines.base import Segment, Transcript, TranscriptionProgress
 from node.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ def _too_long(max_seconds: float) -> InvalidRequest:
     )
 
 
+class TranscriptionStopped(Exception):
+    """Raised in the worker thread when its progress was told to stop."""
+
+
 class WhisperEngine:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -99,11 +103,28 @@ class WhisperEngine:
         language: str | None,
         prompt: str | None,
         temperature: float,
+        progress: TranscriptionProgress | None = None,
     ) -> Transcript:
-        return await asyncio.to_thread(self._transcribe, audio, language, prompt, temperature)
+        """The transcript; if the caller is cancelled (its client left), the decoding stops
+        after the current segment, and this returns only once it has: the slot is not free
+        while the thread still works."""
+        progress = progress or TranscriptionProgress()
+        args = (audio, language, prompt, temperature, progress)
+        work = asyncio.ensure_future(asyncio.to_thread(self._transcribe, *args))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            progress.stop.set()
+            await asyncio.gather(work, return_exceptions=True)
+            raise
 
     def _transcribe(
-        self, audio: np.ndarray, language: str | None, prompt: str | None, temperature: float
+        self,
+        audio: np.ndarray,
+        language: str | None,
+        prompt: str | None,
+        temperature: float,
+        progress: TranscriptionProgress,
     ) -> Transcript:
         duration = len(audio) / SAMPLE_RATE
         kwargs: dict[str, Any] = dict(
@@ -120,20 +141,25 @@ class WhisperEngine:
             segments, info = self._batched.transcribe(audio, batch_size=batch, **kwargs)
         else:
             segments, info = self._model.transcribe(audio, **kwargs)
-        out = [
-            Segment(
-                id=i,
-                start=round(s.start, 3),
-                end=round(s.end, 3),
-                text=s.text,
-                avg_logprob=s.avg_logprob,
-                compression_ratio=s.compression_ratio,
-                no_speech_prob=s.no_speech_prob,
-                temperature=s.temperature or 0.0,
-                tokens=list(s.tokens),
+        out: list[Segment] = []
+        for s in segments:  # lazy: each step decodes the next segment (or batch)
+            out.append(
+                Segment(
+                    id=len(out),
+                    start=round(s.start, 3),
+                    end=round(s.end, 3),
+                    text=s.text,
+                    avg_logprob=s.avg_logprob,
+                    compression_ratio=s.compression_ratio,
+                    no_speech_prob=s.no_speech_prob,
+                    temperature=s.temperature or 0.0,
+                    tokens=list(s.tokens),
+                )
             )
-            for i, s in enumerate(segments)
-        ]
+            progress.done_s = min(duration, s.end)
+            if progress.stop.is_set():
+                raise TranscriptionStopped
+        progress.done_s = duration
         text = "".join(s.text for s in out).strip()
         return Transcript(text=text, language=info.language, duration=duration, segments=out)
 

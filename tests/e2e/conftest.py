@@ -6,29 +6,21 @@ which checks the graceful stop; the fixture's teardown only cleans up after it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from tests.e2e.node_process import ROOT, NodeProcess
-
-
-def _models_dir() -> str:
-    if os.environ.get("STAIK_MODELS_DIR"):
-        return os.environ["STAIK_MODELS_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(base) / "staik-node" / "models")
+from tests.standins import models_dir
 
 
 @pytest.fixture(scope="session")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     workdir = tmp_path_factory.mktemp("node")
     env = {
-        "STAIK_MODELS_DIR": _models_dir(),
+        "STAIK_MODELS_DIR": models_dir(),
         # The operator allow-list: lets the vision test serve an image from loopback.
         "STAIK_IMAGE_ALLOWED_HOSTS": "localhost",
         "STAIK_MAX_JSON_BYTES": str(8 * 1024 * 1024),  # small, so the cap test sends little

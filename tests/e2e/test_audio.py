@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import httpx
@@ -186,3 +187,44 @@ def test_long_audio_goes_through_the_batched_pipeline(
     assert body["text"].count("Stockholm") >= 2 and "Gothenburg" in body["text"]
     assert body["segments"] and body["segments"][-1]["end"] > 15
     assert int(r.headers["X-Audio-Tokens-Charged"]) == math.ceil(round(seconds * 100, 6))
+
+
+def test_a_client_that_leaves_stops_its_transcription_and_pays_for_what_was_done(
+    node: NodeProcess, api_key: str, tmp_path: Path
+) -> None:
+    """The client gives up (read timeout) while a long clip is transcribed: decoding stops
+    after the segment in hand, the slot frees long before the clip would have been done,
+    and the key is charged for the audio transcribed, not for the whole clip."""
+    paragraph = (
+        "Good morning. The weather in Stockholm is cold today. Tomorrow it will snow in "
+        "Uppsala. On Friday the sun returns to Gothenburg. The trains to Malmo are running "
+        "late this week. Many people in Stockholm take the ferry to work. "
+    )
+    wav = speak(paragraph * 14, "en", tmp_path / "very-long.wav")
+    seconds = duration_s(wav)
+    assert seconds > 150
+    headers = {"Authorization": f"Bearer {api_key}"}
+
+    def used() -> int:
+        r = httpx.get(node.base_url + "/v1/models", headers=headers, timeout=30)
+        return int(r.headers["X-RateLimit-Used-Tokens"])
+
+    def busy_slots() -> int:
+        models = httpx.get(node.base_url + "/health", timeout=30).json()["models"]
+        return int(models["kb-whisper-large"]["slots_in_use"])
+
+    before = used()
+    with pytest.raises(httpx.ReadTimeout), open(wav, "rb") as f:
+        httpx.post(
+            node.base_url + "/v1/audio/transcriptions",
+            headers=headers,
+            files={"file": (wav.name, f)},
+            data={"model": "kb-whisper-large", "language": "en"},
+            timeout=httpx.Timeout(60, read=1.5),
+        )
+    deadline = time.monotonic() + 60
+    while busy_slots() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert busy_slots() == 0
+    charged = used() - before
+    assert 0 < charged < math.ceil(round(seconds * 100, 6)) / 2

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from node.accounts.keys import generate_key
-from tests.e2e.conftest import _models_dir
 from tests.e2e.node_process import ROOT, NodeProcess, free_port
+from tests.standins import models_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +39,7 @@ def _start(tmp: Path, name: str, redis_url: str) -> NodeProcess:
     node = NodeProcess(
         workdir,
         _embed_only_models(workdir),
-        env={"STAIK_MODELS_DIR": _models_dir(), "STAIK_REDIS_URL": redis_url},
+        env={"STAIK_MODELS_DIR": models_dir(), "STAIK_REDIS_URL": redis_url},
     )
     node.start()
     return node
