@@ -26,9 +26,9 @@ def test_a_cancelled_transcription_stops_after_the_segment_in_hand(tmp_path: Pat
     spec = standin_spec(ModelKind.TRANSCRIPTION)
     # One VAD chunk per batch, so the batched pipeline yields early and can stop early.
     spec = spec.model_copy(update={"engine": {**spec.engine, "batch_size": 1}})
-    audio = decode_audio(speak(PARAGRAPH * 5, "en", tmp_path / "long.wav").read_bytes())
+    audio = decode_audio(speak(PARAGRAPH * 10, "en", tmp_path / "long.wav").read_bytes())
     duration = len(audio) / SAMPLE_RATE
-    assert duration > 60
+    assert duration > 120
 
     async def main() -> None:
         engine = WhisperEngine(spec)
@@ -45,9 +45,10 @@ def test_a_cancelled_transcription_stops_after_the_segment_in_hand(tmp_path: Pat
         stopped_at = progress.done_s
         await asyncio.sleep(0.5)
         assert progress.done_s == stopped_at  # the thread had ended: nothing moves any more
-        assert 0 < stopped_at < duration / 2
+        # It stops within the chunk after the one it was told in (chunks are up to 30 s).
+        assert 0 < stopped_at < duration - 40
         whole = await engine.transcribe(audio, language="en", prompt=None, temperature=0.0)
-        assert whole.segments[-1].end > duration / 2  # uncancelled, it goes to the end
+        assert whole.segments[-1].end > duration - 10  # uncancelled, it goes to the end
         await engine.stop()
 
     asyncio.run(main())
