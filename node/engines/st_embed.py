@@ -1,17 +1,17 @@
 """Embeddings through sentence-transformers, with concurrent requests batched together.
 
 Requests queue their texts; the engine's own thread takes everything waiting (up to
-``max_batch`` texts), encodes it in one ``encode`` call and hands each request its rows back on
-the event loop. Batching is what lets many small concurrent requests approach the in-process
-ceiling.
+``max_batch`` texts), encodes it in one go (``_vectors``: what ``SentenceTransformer.encode``
+computes) and hands each request its rows back on the event loop. Batching is what lets many
+small concurrent requests approach the in-process ceiling.
 
 The thread gathers and encodes by itself rather than being driven from an asyncio task: a job
 reaches it without waiting for an event-loop turn, and only the results cross back (one call
 per request). One long-lived thread also means one OpenMP thread team, which torch keeps per
 calling thread; the model is loaded on it too.
 
-``encode`` sorts the texts of a call by length and runs them ``batch_size`` at a time, each
-sub-batch padded to its longest text. Gathering many texts but encoding them in small
+Like ``encode``, ``_vectors`` sorts the texts by length and runs them ``batch_size`` at a time,
+each sub-batch padded to its longest text. Gathering many texts but encoding them in small
 sub-batches (``batch_size``, 16 by default) keeps the padding small: on the CPU stand-in, 64
 mixed-length texts encode at about 150 texts/s in sub-batches of 16 against 95 in one batch,
 and 32 of them at about 145 in sub-batches of 8 against 133 at 16 (the stand-in's files use 8).
@@ -51,7 +51,7 @@ def _plain_counter(tokenizer: Any) -> Any:
     """The model's Rust tokenizer, copied, without truncation or padding: for counting.
 
     A copy, because a fast tokenizer switches its padding/truncation state per call, so one
-    shared by counting (on the event loop) and ``encode`` (padding, on the engine's thread)
+    shared by counting (on the event loop) and encoding (padding, on the engine's thread)
     breaks batches that race. The raw tokenizer rather than the transformers wrapper, which
     logs a warning for every input over the model's length (those get a 400 here anyway).
     """
