@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from node.config import ModelKind, ModelSpec
+from node.config import ModelKind
 from node.engines.base import EngineDead
 from node.engines.st_embed import SentenceTransformerEngine
 from tests.standins import standin_spec
@@ -30,13 +30,9 @@ TEXTS = [
 ]
 
 
-def _spec() -> ModelSpec:
-    return standin_spec(ModelKind.EMBEDDING)
-
-
 def _with_engine(body: Callable[[SentenceTransformerEngine], Awaitable[None]]) -> None:
     async def main() -> None:
-        engine = SentenceTransformerEngine(_spec())
+        engine = SentenceTransformerEngine(standin_spec(ModelKind.EMBEDDING))
         await engine.start()
         try:
             await body(engine)
@@ -101,7 +97,7 @@ def test_waiting_requests_share_a_batch_and_cancelled_ones_are_left_out() -> Non
 
 def test_stop_fails_waiting_requests_and_refuses_new_ones() -> None:
     async def main() -> None:
-        engine = SentenceTransformerEngine(_spec())
+        engine = SentenceTransformerEngine(standin_spec(ModelKind.EMBEDDING))
         await engine.start()
         gate = _Gate(engine)
         running = engine.embed([TEXTS[4]])

@@ -71,7 +71,7 @@ async def transcriptions(request: Request) -> Response:
                 used = charge
             except ClientGone:
                 # Decoding stopped after the segment in hand: the audio transcribed is billed.
-                used = min(charge, audio_tokens(progress.done_s))
+                used = audio_tokens(progress.done_s)
                 return Response(status_code=499)  # nobody reads it; the access log shows why
             finally:
                 await bill.settle(used)
