@@ -41,6 +41,7 @@ class NodeError(Exception):
             self.status = status
         self.retry_after_s = retry_after_s
         self.should_retry = should_retry
+        self.extra_headers: dict[str, str] = {}  # set by a route that describes every answer
 
     def body(self) -> dict:
         return {
@@ -53,7 +54,8 @@ class NodeError(Exception):
         }
 
     def headers(self) -> dict[str, str]:
-        """Retry hints openai-python reads: retry-after-ms, Retry-After, x-should-retry."""
+        """Retry hints openai-python reads (retry-after-ms, Retry-After, x-should-retry), and
+        whatever the route added."""
         out: dict[str, str] = {}
         if self.retry_after_s is not None:
             seconds = max(1, math.ceil(self.retry_after_s))
@@ -61,7 +63,7 @@ class NodeError(Exception):
             out["retry-after-ms"] = str(max(1, math.ceil(self.retry_after_s * 1000)))
         if self.should_retry is not None:
             out["x-should-retry"] = "true" if self.should_retry else "false"
-        return out
+        return out | self.extra_headers
 
 
 class InvalidRequest(NodeError):

@@ -12,8 +12,9 @@ def audio_tokens(seconds: float) -> int:
     return math.ceil(round(seconds * AUDIO_TOKENS_PER_SECOND, 6))
 
 
-def audio_headers(seconds: float) -> dict[str, str]:
+def audio_headers(seconds: float, charged: int | None = None) -> dict[str, str]:
+    """The doc's per-request audio headers; ``charged`` defaults to the price of ``seconds``."""
     return {
         "X-Audio-Duration-Seconds": f"{seconds:.3f}",
-        "X-Audio-Tokens-Charged": str(audio_tokens(seconds)),
+        "X-Audio-Tokens-Charged": str(audio_tokens(seconds) if charged is None else charged),
     }

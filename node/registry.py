@@ -187,8 +187,8 @@ class Registry:
             raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
         if entry.spec.kind is not kind:
             raise WrongModelKind(
-                f"The model '{name}' is a {entry.spec.kind.value} model; this route needs a "
-                f"{kind.value} model.",
+                f"The model '{name}' is {_a(entry.spec.kind.value)} model; this route needs "
+                f"{_a(kind.value)} model.",
                 param="model",
             )
         return entry
@@ -209,3 +209,8 @@ class Registry:
                 await task
         # Engines stop in parallel: each vLLM engine takes seconds to tear its processes down.
         await asyncio.gather(*(e.stop() for e in self.entries), return_exceptions=True)
+
+
+def _a(word: str) -> str:
+    """``word`` with its indefinite article: "a chat", "an embedding"."""
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"

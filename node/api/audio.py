@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,7 +18,7 @@ from node.billing import bill_of
 from node.config import ModelKind
 from node.engines.base import TranscriptionProgress
 from node.engines.whisper import SAMPLE_RATE, decode_audio, is_language
-from node.errors import InvalidRequest
+from node.errors import InvalidRequest, NodeError
 from node.metering import audio_headers, audio_tokens
 from node.registry import Registry
 
@@ -32,7 +33,23 @@ class TranscriptionForm(BaseModel):
     response_format: Literal["json", "text", "verbose_json", "srt", "vtt"] = "json"
 
 
+@dataclass
+class _Heard:
+    seconds: float = 0.0  # the audio's length, once decoded
+
+
 async def transcriptions(request: Request) -> Response:
+    """Every answer carries the doc's audio headers: a refused or failed request shows the
+    audio's length (0 if it never got decoded) and 0 tokens charged."""
+    heard = _Heard()
+    try:
+        return await _transcribe(request, heard)
+    except NodeError as err:
+        err.extra_headers.update(audio_headers(heard.seconds, charged=0))
+        raise
+
+
+async def _transcribe(request: Request, heard: _Heard) -> Response:
     registry: Registry = request.app.state.registry
     form = await read_form(request, request.app.state.settings.max_upload_bytes)
     try:
@@ -53,7 +70,8 @@ async def transcriptions(request: Request) -> Response:
         bill = bill_of(request)
         with await admit(entry):
             audio = await asyncio.to_thread(decode_audio, await upload.read())
-            charge = audio_tokens(len(audio) / SAMPLE_RATE)
+            heard.seconds = len(audio) / SAMPLE_RATE
+            charge = audio_tokens(heard.seconds)
             await bill.reserve(charge)
             used = 0
             progress = TranscriptionProgress()

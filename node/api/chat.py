@@ -50,6 +50,8 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     body = await read_json(request)
     entry = registry.resolve(body.get("model"), ModelKind.CHAT)
     engine = entry.require_ready()
+    if chat:
+        _check_roles(body.get("messages"))
     images = _count_images(body, entry) if chat else 0
     permit = await admit(entry)
     prompt_tokens = 0
@@ -85,6 +87,25 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def _check_roles(messages: Any) -> None:
+    """400 for a role OpenAI does not define, as OpenAI answers it: vLLM would pass any role
+    on to the chat template, which renders it as if it were one."""
+    if not isinstance(messages, list):
+        return  # vLLM's validation names the problem
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if isinstance(role, str) and role not in ROLES:
+            supported = ", ".join(f"'{r}'" for r in ROLES)
+            raise InvalidRequest(
+                f"Invalid value: '{role}'. Supported values are: {supported}.",
+                param=f"messages[{i}].role",
+                code="invalid_value",
+            )
 
 
 def _count_images(body: dict[str, Any], entry: ModelEntry) -> int:

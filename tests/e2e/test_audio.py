@@ -101,6 +101,20 @@ def test_undecodable_audio_is_400(node: NodeProcess, api_key: str, tmp_path: Pat
     r = _post(node, api_key, junk)
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "file"
+    assert r.headers["X-Audio-Duration-Seconds"] == "0.000"  # never decoded
+    assert r.headers["X-Audio-Tokens-Charged"] == "0"
+
+
+def test_audio_over_the_quota_is_429_showing_its_length_and_no_charge(
+    node: NodeProcess, speech: dict[str, Path]
+) -> None:
+    key = node.create_key("--plan", "custom", "--limit-tokens", "50", "--window", "hour")
+    r = _post(node, key, speech["en"])
+    assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+    seconds = float(r.headers["X-Audio-Duration-Seconds"])
+    assert seconds == pytest.approx(duration_s(speech["en"]), abs=0.01)
+    assert r.headers["X-Audio-Tokens-Charged"] == "0"
+    assert r.headers["X-RateLimit-Used-Tokens"] == "0"
 
 
 def test_unknown_language_is_400(node: NodeProcess, api_key: str, speech: dict[str, Path]) -> None:

@@ -193,6 +193,19 @@ def test_unsupported_parameters_are_400_by_name(
     assert info.value.param == param
 
 
+def test_a_role_openai_does_not_define_is_400_by_position(client: openai.OpenAI) -> None:
+    messages = [*ASK, {"role": "assistant", "content": "Let me check."}]
+    messages.append({"role": "wizard", "content": "It snows."})
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5)  # type: ignore[arg-type]
+    assert info.value.code == "invalid_value"
+    assert info.value.param == "messages[2].role"
+    assert "'wizard'" in info.value.message
+    developer = [{"role": "developer", "content": "Answer briefly."}, *ASK]
+    reply = client.chat.completions.create(model=MODEL, messages=developer, max_tokens=5)  # type: ignore[arg-type]
+    assert reply.choices[0].message.content
+
+
 def test_legacy_completions(client: openai.OpenAI) -> None:
     reply = client.completions.create(
         model=MODEL, prompt="The capital of Sweden is", max_tokens=8, temperature=0

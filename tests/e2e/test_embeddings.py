@@ -48,6 +48,7 @@ def test_chat_model_on_embeddings_route_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model="qwen3.5:9b", input="hej")
     assert info.value.code == "model_not_supported"
+    assert "is a chat model; this route needs an embedding model" in info.value.message
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_vectors(
