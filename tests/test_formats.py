@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 from node.api import transcript_formats as fmt
-from node.engines.base import Segment, Transcript
+from node.engines.base import Segment, Transcript, Word
 from node.metering import audio_headers, audio_tokens
 
 T = Transcript(
@@ -29,6 +31,29 @@ def test_verbose_json_shape() -> None:
     body = fmt.verbose_json(T, {"type": "duration", "seconds": 3661.5})
     assert body["language"] == "sv" and body["duration"] == 3661.5
     assert [s["start"] for s in body["segments"]] == [0.0, 3600.5]
+    assert "words" not in body
+
+
+def test_verbose_json_words_across_segments_and_without_segments() -> None:
+    timed = copy.deepcopy(T)
+    timed.segments[0].words = [Word("Hej.", 0.0, 1.25)]
+    timed.segments[1].words = [Word("Hej", 3600.5, 3600.9), Word("då.", 3600.9, 3601.2)]
+    body = fmt.verbose_json(timed, {}, ["word"])
+    assert "segments" not in body
+    assert body["words"] == [
+        {"word": "Hej.", "start": 0.0, "end": 1.25},
+        {"word": "Hej", "start": 3600.5, "end": 3600.9},
+        {"word": "då.", "start": 3600.9, "end": 3601.2},
+    ]
+    both = fmt.verbose_json(timed, {}, ["segment", "word"])
+    assert len(both["segments"]) == 2 and len(both["words"]) == 3
+
+
+def test_audio_headers_of_a_refused_request() -> None:
+    assert audio_headers(2.874, charged=0) == {
+        "X-Audio-Duration-Seconds": "2.874",
+        "X-Audio-Tokens-Charged": "0",
+    }
 
 
 def test_audio_is_100_tokens_per_second_rounded_up() -> None:

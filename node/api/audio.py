@@ -31,6 +31,16 @@ class TranscriptionForm(BaseModel):
     prompt: str | None = None
     temperature: float = Field(default=0.0, ge=0.0, le=1.0)
     response_format: Literal["json", "text", "verbose_json", "srt", "vtt"] = "json"
+    # Which timings verbose_json carries (the SDK sends each as ``timestamp_granularities[]``).
+    timestamp_granularities: list[Literal["word", "segment"]] = ["segment"]
+
+    @property
+    def words(self) -> bool:
+        """Word timings cost the engine extra work: only when verbose_json will show them."""
+        return self.response_format == "verbose_json" and "word" in self.timestamp_granularities
+
+
+_GRANULARITIES = ("timestamp_granularities[]", "timestamp_granularities")
 
 
 @dataclass
@@ -53,7 +63,14 @@ async def _transcribe(request: Request, heard: _Heard) -> Response:
     registry: Registry = request.app.state.registry
     form = await read_form(request, request.app.state.settings.max_upload_bytes)
     try:
-        fields = {k: v for k, v in form.items() if isinstance(v, str) and v != ""}
+        fields: dict[str, object] = {
+            k: v for k, v in form.items() if isinstance(v, str) and v != ""
+        }
+        granularities = [
+            v for k in _GRANULARITIES for v in form.getlist(k) if isinstance(v, str) and v
+        ]
+        if granularities:
+            fields["timestamp_granularities"] = granularities
         entry = registry.resolve(fields.get("model"), ModelKind.TRANSCRIPTION)
         req = parse(TranscriptionForm, fields)
         if req.language is not None and not is_language(req.language):
@@ -83,6 +100,7 @@ async def _transcribe(request: Request, heard: _Heard) -> Response:
                         language=req.language,
                         prompt=req.prompt,
                         temperature=req.temperature,
+                        words=req.words,
                         progress=progress,
                     ),
                 )
@@ -106,6 +124,7 @@ async def _transcribe(request: Request, heard: _Heard) -> Response:
         case "vtt":
             return PlainTextResponse(fmt.vtt(transcript), headers=headers, media_type="text/vtt")
         case "verbose_json":
-            return JSONResponse(fmt.verbose_json(transcript, usage), headers=headers)
+            body = fmt.verbose_json(transcript, usage, req.timestamp_granularities)
+            return JSONResponse(body, headers=headers)
         case _:
             return JSONResponse({"text": transcript.text, "usage": usage}, headers=headers)

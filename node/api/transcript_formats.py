@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from node.engines.base import Transcript
@@ -32,26 +33,40 @@ def vtt(t: Transcript) -> str:
     return "WEBVTT\n\n" + "\n".join(blocks)
 
 
-def verbose_json(t: Transcript, usage: dict[str, Any]) -> dict[str, Any]:
-    return {
+def verbose_json(
+    t: Transcript, usage: dict[str, Any], granularities: Collection[str] = ("segment",)
+) -> dict[str, Any]:
+    """OpenAI's verbose_json: ``segments`` and/or ``words``, as ``timestamp_granularities``
+    asked (segments alone by default)."""
+    out: dict[str, Any] = {
         "task": "transcribe",
         "language": t.language,
         "duration": round(t.duration, 3),
         "text": t.text,
-        "segments": [
-            {
-                "id": s.id,
-                "seek": 0,
-                "start": s.start,
-                "end": s.end,
-                "text": s.text,
-                "tokens": s.tokens,
-                "temperature": s.temperature,
-                "avg_logprob": s.avg_logprob,
-                "compression_ratio": s.compression_ratio,
-                "no_speech_prob": s.no_speech_prob,
-            }
-            for s in t.segments
-        ],
-        "usage": usage,
     }
+    if "segment" in granularities:
+        out["segments"] = _segments(t)
+    if "word" in granularities:
+        out["words"] = [
+            {"word": w.word, "start": w.start, "end": w.end} for s in t.segments for w in s.words
+        ]
+    out["usage"] = usage
+    return out
+
+
+def _segments(t: Transcript) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": s.id,
+            "seek": 0,
+            "start": s.start,
+            "end": s.end,
+            "text": s.text,
+            "tokens": s.tokens,
+            "temperature": s.temperature,
+            "avg_logprob": s.avg_logprob,
+            "compression_ratio": s.compression_ratio,
+            "no_speech_prob": s.no_speech_prob,
+        }
+        for s in t.segments
+    ]

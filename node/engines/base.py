@@ -60,6 +60,13 @@ class ChatResult:
 
 
 @dataclass
+class Word:
+    word: str
+    start: float
+    end: float
+
+
+@dataclass
 class Segment:
     id: int
     start: float
@@ -70,6 +77,7 @@ class Segment:
     no_speech_prob: float = 0.0
     temperature: float = 0.0
     tokens: list[int] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)  # only when word timestamps were asked
 
 
 @dataclass
@@ -119,5 +127,6 @@ class TranscriptionEngine(Engine, Protocol):
         language: str | None,
         prompt: str | None,
         temperature: float,
+        words: bool = False,
         progress: TranscriptionProgress | None = None,
     ) -> Transcript: ...

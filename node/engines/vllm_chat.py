@@ -192,15 +192,19 @@ class VllmChatEngine:
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import StreamOptions
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMClientError
 
         refuse_unknown_fields(body, model)
         try:
             request = model.model_validate(body)
         except ValidationError as exc:
             raise invalid_from_validation(exc) from None
+        except VLLMClientError as exc:
+            # vLLM's validators reject a client's bad combination of fields (e.g. stream_options
+            # without stream) with these, naming the field: a 400, never a 500.
+            raise self._translate(exc) from None
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
-            # vLLM's own validators raise these for a client's bad combination of fields
-            # (e.g. stream_options without stream): a 400, never a 500.
+            # Older validators raise plain exceptions for the same: a 400 too.
             raise InvalidRequest(f"Invalid request: {exc}") from None
         wants_usage = UsageWish.of(request)
         if request.stream:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from node.config import ModelSpec
-from node.engines.base import Segment, Transcript, TranscriptionProgress
+from node.engines.base import Segment, Transcript, TranscriptionProgress, Word
 from node.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,14 @@ class WhisperEngine:
         language: str | None,
         prompt: str | None,
         temperature: float,
+        words: bool = False,
         progress: TranscriptionProgress | None = None,
     ) -> Transcript:
-        """The transcript; if the caller is cancelled (its client left), the decoding stops
-        after the current segment, and this returns only once it has: the slot is not free
-        while the thread still works."""
+        """The transcript, with each segment's words timed if ``words``; if the caller is
+        cancelled (its client left), the decoding stops after the current segment, and this
+        returns only once it has: the slot is not free while the thread still works."""
         progress = progress or TranscriptionProgress()
-        args = (audio, language, prompt, temperature, progress)
+        args = (audio, language, prompt, temperature, words, progress)
         work = asyncio.ensure_future(asyncio.to_thread(self._transcribe, *args))
         try:
             return await asyncio.shield(work)
@@ -124,6 +125,7 @@ class WhisperEngine:
         language: str | None,
         prompt: str | None,
         temperature: float,
+        words: bool,
         progress: TranscriptionProgress,
     ) -> Transcript:
         duration = len(audio) / SAMPLE_RATE
@@ -133,6 +135,7 @@ class WhisperEngine:
             temperature=temperature if temperature > 0 else [0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
             beam_size=int(self.spec.engine.get("beam_size", 5)),
             vad_filter=False,
+            word_timestamps=words,  # aligned from the cross-attention: extra work, so on demand
         )
         if duration >= self.batched_from_s:
             # Long audio: the batched pipeline decodes VAD-cut chunks together (it needs VAD).
@@ -154,6 +157,10 @@ class WhisperEngine:
                     no_speech_prob=s.no_speech_prob,
                     temperature=s.temperature or 0.0,
                     tokens=list(s.tokens),
+                    words=[
+                        Word(w.word.strip(), round(w.start, 3), round(w.end, 3))
+                        for w in s.words or ()
+                    ],
                 )
             )
             progress.done_s = min(duration, s.end)

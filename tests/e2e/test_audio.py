@@ -81,6 +81,48 @@ def test_every_response_format(
         assert r.text.startswith("WEBVTT") and " --> " in r.text and "Stockholm" in r.text
 
 
+def test_word_timestamps_as_the_sdk_asks_for_them(
+    client: openai.OpenAI, speech: dict[str, Path]
+) -> None:
+    seconds = duration_s(speech["en"])
+    with open(speech["en"], "rb") as f:
+        words_only = client.audio.transcriptions.create(
+            model="whisper-1",
+            file=f,
+            response_format="verbose_json",
+            timestamp_granularities=["word"],
+            language="en",
+        )
+    assert words_only.segments is None and words_only.words
+    spoken = [w.word for w in words_only.words]
+    assert " ".join(spoken) == words_only.text  # every word, stripped, in order
+    starts = [w.start for w in words_only.words]
+    assert starts == sorted(starts)
+    assert all(0 <= w.start <= w.end <= seconds + 0.5 for w in words_only.words)
+    with open(speech["en"], "rb") as f:
+        both = client.audio.transcriptions.create(
+            model="whisper-1",
+            file=f,
+            response_format="verbose_json",
+            timestamp_granularities=["word", "segment"],
+            language="en",
+        )
+    assert both.segments and both.words
+    with open(speech["en"], "rb") as f:
+        default = client.audio.transcriptions.create(
+            model="whisper-1", file=f, response_format="verbose_json", language="en"
+        )
+    assert default.segments and default.words is None
+
+
+def test_unknown_timestamp_granularity_is_400(
+    node: NodeProcess, api_key: str, speech: dict[str, Path]
+) -> None:
+    r = _post(node, api_key, speech["en"], **{"timestamp_granularities[]": "char"})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"].startswith("timestamp_granularities")
+
+
 @pytest.mark.parametrize("container", sorted(CONTAINERS))
 def test_every_container_of_the_doc(
     node: NodeProcess, api_key: str, speech: dict[str, Path], container: str, tmp_path: Path

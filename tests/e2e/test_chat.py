@@ -93,6 +93,17 @@ def test_prompt_plus_max_tokens_above_window_is_400_naming_both(client: openai.O
     assert str(window) in message and str(window - 10) in message and "prompt" in message
 
 
+def test_stream_options_without_stream_is_400_naming_it(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="qwen3.5:9b",
+            messages=QUESTION,
+            max_tokens=3,
+            stream_options={"include_usage": True},
+        )
+    assert info.value.param == "stream_options"
+
+
 def test_max_tokens_alone_above_window_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="gemma4:31b", messages=QUESTION, max_tokens=100_000)
