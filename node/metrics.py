@@ -1,5 +1,6 @@
 """Prometheus metrics at GET /metrics (open, like /health): how long requests take, by route
-and status, and how each model stands (state, slots in use, restarts), read when scraped.
+and status, streams that failed midway, and how each model stands (state, slots in use,
+restarts), read when scraped.
 
 The duration runs from the request's arrival in the app to its last byte handed to the
 server: for a 429 or a non-streaming answer that is the node's whole share of the latency.
@@ -10,7 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import Request
@@ -65,6 +72,12 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.stream_errors = Counter(
+            "staik_stream_errors",
+            "Streams that ended in an error event after their 200 went out, by route and code",
+            ["route", "code"],
+            registry=self.registry,
+        )
         self.registry.register(_ModelCollector(models))
         self._static_paths = frozenset(p for p in route_paths if "{" not in p)
 
@@ -75,6 +88,11 @@ class Metrics:
         if route is not None:
             return str(getattr(route, "path", "unrouted"))
         return scope["path"] if scope["path"] in self._static_paths else "unrouted"
+
+    def stream_error(self, scope: Scope, code: str) -> None:
+        """Count a stream that failed after its headers: its duration is recorded under the
+        status that went out (200), so this is where such failures show."""
+        self.stream_errors.labels(self.route_of(scope), code).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,7 +10,7 @@ generated (the prompt hook).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -82,8 +82,16 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         permit.release()
         await bill.settle(result.total_tokens)
         return JSONResponse(result.body)
+    metrics = request.app.state.metrics
     return ClosingStreamingResponse(
-        _stream(result, permit, entry, engine, bill),
+        _stream(
+            result,
+            permit,
+            entry,
+            engine,
+            bill,
+            lambda code: metrics.stream_error(request.scope, code),
+        ),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
@@ -123,7 +131,12 @@ def _count_images(body: dict[str, Any], entry: ModelEntry) -> int:
 
 
 async def _stream(
-    result: ChatResult, permit: Permit, entry: ModelEntry, engine: Any, bill: Bill
+    result: ChatResult,
+    permit: Permit,
+    entry: ModelEntry,
+    engine: Any,
+    bill: Bill,
+    count_error: Callable[[str], None],
 ) -> AsyncIterator[str]:
     """Pass the SSE chunks through; however the stream ends, release the slot and settle.
 
@@ -141,11 +154,14 @@ async def _stream(
         failed = True
         if isinstance(err, EngineDead):
             entry.report_dead(engine)
+        count_error(err.code)
         yield sse_error_event(err)
     except Exception:
         failed = True
         log.exception("stream of %s failed", entry.spec.name)
-        yield sse_error_event(EngineError("The stream failed inside the node."))
+        err = EngineError("The stream failed inside the node.")
+        count_error(err.code)
+        yield sse_error_event(err)
     finally:
         permit.release()
         await chunks.aclose()  # type: ignore[attr-defined]

@@ -199,9 +199,11 @@ def _kill_mid_stream_then_recover(
         "stream": True,
         "ignore_eos": True,
     }
+    errors_before = node.metrics()
     with httpx.stream(
         "POST", node.base_url + "/v1/chat/completions", headers=_auth(node), json=body, timeout=120
     ) as r:
+        assert r.status_code == 200
         lines = r.iter_lines()
         sent_at = time.monotonic()
         first = next(line for line in lines if line.startswith("data: {"))
@@ -219,6 +221,12 @@ def _kill_mid_stream_then_recover(
     assert '"error"' in rest[-2], (timing, rest[:2], rest[-3:])
     error = json.loads(rest[-2][6:])["error"]
     assert error["code"] in ("model_unavailable", "model_loading")
+    # /metrics timed it as a 200 (what went out); the failure shows in its own counter.
+    sample = (
+        "staik_stream_errors_total",
+        (("code", error["code"]), ("route", "/v1/chat/completions")),
+    )
+    assert node.metrics().get(sample, 0) - errors_before.get(sample, 0) == 1
 
     r = _chat(node, {"model": model, "messages": QUESTION, "max_tokens": 10}, timeout=30)
     assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1

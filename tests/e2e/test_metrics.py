@@ -5,21 +5,10 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.node_process import NodeProcess
 
 pytestmark = pytest.mark.e2e
-
-
-def _samples(node: NodeProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    r = httpx.get(node.base_url + "/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(r.text)
-        for s in family.samples
-    }
 
 
 def _count(samples: dict, route: str, status: int) -> float:
@@ -28,13 +17,13 @@ def _count(samples: dict, route: str, status: int) -> float:
 
 
 def test_requests_are_counted_by_route_and_status(node: NodeProcess, client: openai.OpenAI) -> None:
-    before = _samples(node)
+    before = node.metrics()
     client.models.list()
     client.models.retrieve("qwen3.5:9b")
     for _ in range(2):  # refused before routing: labelled by the route's path all the same
         assert httpx.get(node.base_url + "/v1/models").status_code == 401
     assert httpx.get(node.base_url + "/v1/nope").status_code == 401
-    after = _samples(node)
+    after = node.metrics()
 
     def grew(route: str, status: int) -> float:
         return _count(after, route, status) - _count(before, route, status)
@@ -48,7 +37,7 @@ def test_requests_are_counted_by_route_and_status(node: NodeProcess, client: ope
 
 
 def test_models_report_state_and_slots(node: NodeProcess) -> None:
-    samples = _samples(node)
+    samples = node.metrics()
     ready = (("model", "bge-m3:latest"), ("state", "ready"))
     loading = (("model", "bge-m3:latest"), ("state", "loading"))
     assert samples[("staik_model_state", ready)] == 1
