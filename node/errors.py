@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -146,9 +146,31 @@ class EngineError(NodeError):
 def invalid_from_validation(exc: Any) -> InvalidRequest:
     """The first problem pydantic found, as a 400 naming the field."""
     first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    loc = param_path(first.get("loc", ()))
     msg = first.get("msg", "invalid value")
     return InvalidRequest(f"Invalid field '{loc}': {msg}" if loc else msg, param=loc or None)
+
+
+def param_path(loc: Iterable[str | int]) -> str:
+    """pydantic's error location as OpenAI names a parameter (``messages[0].role``), without
+    the union members and type tags pydantic inserts (``ChatCompletionUserMessageParam``,
+    ``str``, ``list[...]``): a client's field names are lower-case identifiers or keys."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part == "body" or part in _TYPE_TAGS or not _is_field_name(part):
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _is_field_name(part: str) -> bool:
+    return part.isdigit() or (part[:1].islower() and part.replace("_", "").isalnum())
 
 
 def error_response(err: NodeError, headers: Mapping[str, str] | None = None) -> JSONResponse:

@@ -12,7 +12,7 @@ from node.config import ModelKind, load_models
 from node.engines.base import UsageMeter
 from node.engines.vllm_chat import _parse_args, engine_cli_args, refuse_unknown_fields
 from node.engines.vllm_sse import UsageWish, track_usage
-from node.errors import InvalidRequest
+from node.errors import InvalidRequest, invalid_from_validation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +93,24 @@ def test_unknown_parameters_are_refused_by_name() -> None:
     with pytest.raises(InvalidRequest) as info:
         refuse_unknown_fields({**ok, "modalities": ["audio"]}, ChatCompletionRequest)
     assert info.value.param == "modalities" and info.value.code == "unsupported_parameter"
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"content": "hi"}, "messages[0].role"),
+        ({"role": "user", "content": None}, "messages[0].content"),
+    ],
+)
+def test_a_bad_message_is_named_as_openai_names_it(message: dict, param: str) -> None:
+    """vLLM's message types are a union: pydantic's location names a member class, which the
+    client never wrote."""
+    from pydantic import ValidationError
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [message]})
+    assert invalid_from_validation(info.value).param == param
 
 
 def test_reasoning_is_sent_under_both_names() -> None:
