@@ -17,6 +17,7 @@ from node.errors import InvalidRequest
 from node.registry import Registry
 
 MAX_INPUTS = 2048
+MAX_REQUEST_TOKENS = 300_000  # summed over the inputs, as OpenAI caps it: bounds one request's work
 _INLINE_TOKENIZE_CHARS = 20_000
 
 
@@ -63,6 +64,13 @@ async def embeddings(request: Request) -> Response:
             tokens = sum(await asyncio.to_thread(engine.count_tokens, texts))
         else:
             tokens = sum(engine.count_tokens(texts))
+        if tokens > MAX_REQUEST_TOKENS:
+            raise InvalidRequest(
+                f"Requested {tokens} tokens, max {MAX_REQUEST_TOKENS} tokens per request "
+                "(summed over the inputs); split the inputs over several requests.",
+                param="input",
+                code="max_tokens_per_request",
+            )
         await bill.reserve(tokens)
         used = 0
         try:

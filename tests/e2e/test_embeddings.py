@@ -8,6 +8,8 @@ import numpy as np
 import openai
 import pytest
 
+from tests.e2e.node_process import NodeProcess
+
 pytestmark = pytest.mark.e2e
 
 MODEL = "bge-m3:latest"
@@ -42,6 +44,21 @@ def test_empty_input_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model=MODEL, input=[])
     assert info.value.body["param"] == "input"  # type: ignore[index]
+
+
+def test_more_than_300k_tokens_in_one_request_is_400_and_costs_nothing(
+    node: NodeProcess,
+) -> None:
+    key = node.create_key("--plan", "agent-pro")
+    client = openai.OpenAI(api_key=key, base_url=node.base_url + "/v1", max_retries=0)
+    texts = [" ".join(["water"] * 150)] * 2048  # 2048 x 152 tokens
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=MODEL, input=texts)
+    assert info.value.code == "max_tokens_per_request" and info.value.param == "input"
+    assert "max 300000 tokens per request" in info.value.message
+    assert info.value.response.headers["X-RateLimit-Used-Tokens"] == "0"  # 1M/h would fit it
+    fits = client.embeddings.create(model=MODEL, input=texts[:4])
+    assert len(fits.data) == 4
 
 
 def test_chat_model_on_embeddings_route_is_400(client: openai.OpenAI) -> None:
