@@ -50,6 +50,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     body = await read_json(request)
     entry = registry.resolve(body.get("model"), ModelKind.CHAT)
     engine = entry.require_ready()
+    _check_choices(body.get("n"))
     if chat:
         _check_roles(body.get("messages"))
     images = _count_images(body, entry) if chat else 0
@@ -98,6 +99,14 @@ async def _generate(request: Request, *, chat: bool) -> Response:
 
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+MAX_CHOICES = 128  # OpenAI's bound on n: one request (one slot) must not hold the whole engine
+
+
+def _check_choices(n: Any) -> None:
+    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_CHOICES:
+        raise InvalidRequest(
+            f"n is {n}; at most {MAX_CHOICES} choices per request.", param="n", code="invalid_value"
+        )
 
 
 def _check_roles(messages: Any) -> None:

@@ -206,6 +206,15 @@ def test_a_role_openai_does_not_define_is_400_by_position(client: openai.OpenAI)
     assert reply.choices[0].message.content
 
 
+def test_more_than_128_choices_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1, n=129)
+    assert info.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="Hej", max_tokens=1, n=129)
+    assert info.value.param == "n"
+
+
 def test_legacy_completions(client: openai.OpenAI) -> None:
     reply = client.completions.create(
         model=MODEL, prompt="The capital of Sweden is", max_tokens=8, temperature=0
