@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from node.config import ModelKind, load_models
 from node.engines.base import UsageMeter
-from node.engines.vllm_chat import _parse_args, engine_cli_args, refuse_unknown_fields
+from node.engines.vllm_chat import (
+    _parse_args,
+    engine_cli_args,
+    error_from_vllm,
+    refuse_unknown_fields,
+)
 from node.engines.vllm_sse import UsageWish, track_usage
 from node.errors import InvalidRequest, invalid_from_validation
 
@@ -111,6 +117,17 @@ def test_a_bad_message_is_named_as_openai_names_it(message: dict, param: str) ->
     with pytest.raises(ValidationError) as info:
         ChatCompletionRequest.model_validate({"model": "m", "messages": [message]})
     assert invalid_from_validation(info.value).param == param
+
+
+def test_a_plain_vllm_message_names_its_field() -> None:
+    def response(message: str, param: str | None = None) -> SimpleNamespace:
+        return SimpleNamespace(error=SimpleNamespace(code=400, message=message, param=param))
+
+    err = error_from_vllm(response("frequency_penalty must be in [-2, 2], got 3.0."))
+    assert err.status == 400 and err.param == "frequency_penalty"
+    assert error_from_vllm(response("top_k must be -1 (disable), or at least 1")).param == "top_k"
+    assert error_from_vllm(response("Bad things happened.")).param is None
+    assert error_from_vllm(response("n must be 1", param="n")).param == "n"
 
 
 def test_reasoning_is_sent_under_both_names() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Any
@@ -341,10 +342,21 @@ def error_from_vllm(err: Any) -> NodeError:
     info = err.error
     status = int(info.code)
     message = info.message
+    param = info.param or _field_named(message)
     if "context length" in message or "maximum context" in message:
-        return ContextLengthExceeded(message, param=info.param or "messages")
+        return ContextLengthExceeded(message, param=param or "messages")
     if status == 501:  # a feature this engine lacks: the client's request, so a 400
-        return InvalidRequest(message, param=info.param, code="unsupported_parameter")
+        return InvalidRequest(message, param=param, code="unsupported_parameter")
     if 400 <= status < 500:
-        return InvalidRequest(message, param=info.param, status=status)
+        return InvalidRequest(message, param=param, status=status)
     return EngineError(message)
+
+
+_FIELD_FIRST = re.compile(r"([a-z][a-z0-9_]*) (?:must|should) ")
+
+
+def _field_named(message: str) -> str | None:
+    """The field a plain validation message of vLLM's starts with ("frequency_penalty must be
+    in [-2, 2], got 3.0."), where it gives no ``param`` of its own."""
+    found = _FIELD_FIRST.match(message)
+    return found.group(1) if found else None

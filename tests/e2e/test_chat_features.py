@@ -206,6 +206,12 @@ def test_a_role_openai_does_not_define_is_400_by_position(client: openai.OpenAI)
     assert reply.choices[0].message.content
 
 
+def test_an_out_of_range_sampling_parameter_is_400_naming_it(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1, frequency_penalty=3)
+    assert info.value.param == "frequency_penalty"
+
+
 def test_more_than_128_choices_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1, n=129)
