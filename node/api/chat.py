@@ -34,6 +34,8 @@ from node.scheduler import Permit
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+MAX_CHOICES = 128  # OpenAI's bound on n: one request (one slot) must not hold the whole engine
 
 
 async def chat_completions(request: Request) -> Response:
@@ -96,10 +98,6 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
-
-
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-MAX_CHOICES = 128  # OpenAI's bound on n: one request (one slot) must not hold the whole engine
 
 
 def _check_choices(n: Any) -> None:

@@ -206,7 +206,7 @@ class VllmChatEngine:
             raise self._translate(exc) from None
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             # Older validators raise plain exceptions for the same: a 400 too.
-            raise InvalidRequest(f"Invalid request: {exc}") from None
+            raise InvalidRequest(f"Invalid request: {exc}", param=_field_named(str(exc))) from None
         wants_usage = UsageWish.of(request)
         if request.stream:
             # Usage in every chunk, so a stream cut short still knows what it produced; the
