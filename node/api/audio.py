@@ -1,26 +1,43 @@
-"""POST /v1/audio/transcriptions: multipart upload -> faster-whisper -> the asked format."""
+"""POST /v1/audio/transcriptions: multipart upload -> faster-whisper -> the asked format,
+or (``stream=true``) a server-sent event per decoded segment."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from node.api import transcript_formats as fmt
-from node.api.common import ClientGone, admit, cancel_if_client_leaves, parse
+from node.api.common import (
+    SSE_HEADERS,
+    ClientGone,
+    ClosingStreamingResponse,
+    admit,
+    cancel_if_client_leaves,
+    parse,
+)
 from node.api.uploads import read_form
-from node.billing import bill_of
+from node.billing import Bill, bill_of
 from node.config import ModelKind
-from node.engines.base import TranscriptionProgress
+from node.engines.base import Segment, Transcript, TranscriptionEngine, TranscriptionProgress
 from node.engines.whisper import SAMPLE_RATE, decode_audio, is_language
-from node.errors import InvalidRequest, NodeError
+from node.errors import EngineError, InvalidRequest, NodeError, sse_error_event
 from node.metering import audio_headers, audio_tokens
 from node.registry import Registry
+from node.scheduler import Permit
+
+log = logging.getLogger(__name__)
+
+STREAMED_FORMATS = ("json", "text")  # a stream carries text events, not timed segments
 
 
 class TranscriptionForm(BaseModel):
@@ -33,6 +50,9 @@ class TranscriptionForm(BaseModel):
     response_format: Literal["json", "text", "verbose_json", "srt", "vtt"] = "json"
     # Which timings verbose_json carries (the SDK sends each as ``timestamp_granularities[]``).
     timestamp_granularities: list[Literal["word", "segment"]] = ["segment"]
+    # Served for both names, whisper-1 included (OpenAI ignores it there): the SDK, asked to
+    # stream, reads server-sent events whichever model it named.
+    stream: bool = False
 
     @property
     def words(self) -> bool:
@@ -61,59 +81,176 @@ async def transcriptions(request: Request) -> Response:
 
 async def _transcribe(request: Request, heard: _Heard) -> Response:
     registry: Registry = request.app.state.registry
+    bill = bill_of(request)
     form = await read_form(request, request.app.state.settings.max_upload_bytes)
     try:
-        fields: dict[str, object] = {
-            k: v for k, v in form.items() if isinstance(v, str) and v != ""
-        }
-        granularities = [
-            v for k in _GRANULARITIES for v in form.getlist(k) if isinstance(v, str) and v
-        ]
-        if granularities:
-            fields["timestamp_granularities"] = granularities
+        fields = _text_fields(form)
         entry = registry.resolve(fields.get("model"), ModelKind.TRANSCRIPTION)
-        req = parse(TranscriptionForm, fields)
-        if req.language is not None and not is_language(req.language):
-            raise InvalidRequest(
-                f"'{req.language}' is not a language code Whisper knows (e.g. 'sv', 'en').",
-                param="language",
-            )
+        req = _parse_fields(fields)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise InvalidRequest(
                 "The multipart field 'file' (the audio) is required.", param="file"
             )
         engine = entry.require_ready()
-        bill = bill_of(request)
-        with await admit(entry):
-            audio = await asyncio.to_thread(decode_audio, await upload.read())
-            heard.seconds = len(audio) / SAMPLE_RATE
-            charge = audio_tokens(heard.seconds)
-            await bill.reserve(charge)
-            used = 0
-            progress = TranscriptionProgress()
-            try:
-                transcript = await cancel_if_client_leaves(
-                    request,
-                    engine.transcribe(
-                        audio,
-                        language=req.language,
-                        prompt=req.prompt,
-                        temperature=req.temperature,
-                        words=req.words,
-                        progress=progress,
-                    ),
-                )
-                used = charge
-            except ClientGone:
-                # Decoding stopped after the segment in hand: the audio transcribed is billed.
-                used = audio_tokens(progress.done_s)
-                return Response(status_code=499)  # nobody reads it; the access log shows why
-            finally:
-                await bill.settle(used)
-    finally:
+        permit = await admit(entry)
+    except BaseException:
         await form.close()
+        raise
+    # From here the permit is held: released on any failure, else handed to the answer.
+    try:
+        data = await upload.read()
+        await form.close()
+        audio = await asyncio.to_thread(decode_audio, data)
+        heard.seconds = len(audio) / SAMPLE_RATE
+        charge = audio_tokens(heard.seconds)
+        await bill.reserve(charge)
+    except BaseException:
+        permit.release()
+        await form.close()
+        raise
 
+    job = _Job(engine, audio, req, bill, charge)
+    if req.stream:
+        metrics = request.app.state.metrics
+        streamed = _StreamedTranscription(
+            job, permit, lambda code: metrics.stream_error(request.scope, code)
+        )
+        return ClosingStreamingResponse(
+            streamed.events(),
+            finish=streamed.finish,
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **audio_headers(heard.seconds)},
+        )
+    with permit:
+        progress = TranscriptionProgress()
+        used = 0
+        try:
+            transcript = await cancel_if_client_leaves(request, job.run(progress))
+            used = charge
+        except ClientGone:
+            # Decoding stopped after the segment in hand: the audio transcribed is billed.
+            used = audio_tokens(progress.done_s)
+            return Response(status_code=499)  # nobody reads it; the access log shows why
+        finally:
+            await bill.settle(used)
+    return _render(transcript, req)
+
+
+def _text_fields(form: FormData) -> dict[str, object]:
+    """The form's non-empty text fields; the repeated granularity fields as one list."""
+    fields: dict[str, object] = {k: v for k, v in form.items() if isinstance(v, str) and v != ""}
+    granularities = [v for k in _GRANULARITIES for v in form.getlist(k) if isinstance(v, str) and v]
+    if granularities:
+        fields["timestamp_granularities"] = granularities
+    return fields
+
+
+def _parse_fields(fields: dict[str, object]) -> TranscriptionForm:
+    req = parse(TranscriptionForm, fields)
+    if req.language is not None and not is_language(req.language):
+        raise InvalidRequest(
+            f"'{req.language}' is not a language code Whisper knows (e.g. 'sv', 'en').",
+            param="language",
+        )
+    if req.stream and req.response_format not in STREAMED_FORMATS:
+        raise InvalidRequest(
+            f"A streamed transcription sends text events; response_format "
+            f"'{req.response_format}' cannot be streamed (use 'json' or 'text', or stream=false).",
+            param="response_format",
+        )
+    return req
+
+
+@dataclass
+class _Job:
+    """One admitted transcription: the decoded audio, what was asked, and its held charge."""
+
+    engine: TranscriptionEngine
+    audio: np.ndarray
+    req: TranscriptionForm
+    bill: Bill
+    charge: int
+
+    def run(
+        self,
+        progress: TranscriptionProgress,
+        on_segment: Callable[[Segment], None] | None = None,
+    ) -> Awaitable[Transcript]:
+        return self.engine.transcribe(
+            self.audio,
+            language=self.req.language,
+            prompt=self.req.prompt,
+            temperature=self.req.temperature,
+            words=self.req.words,
+            progress=progress,
+            on_segment=on_segment,
+        )
+
+
+class _StreamedTranscription:
+    """One delta event per decoded segment, then the done event.
+
+    ``finish`` runs however the stream ends (``ClosingStreamingResponse``): it stops the
+    decoding after the segment in hand if the client left, releases the slot, and settles:
+    the whole clip once done, the audio transcribed if the client left, nothing if the
+    transcription failed (an SSE error event says why). The work starts with the first event
+    asked for, so a stream never started costs nothing.
+    """
+
+    def __init__(self, job: _Job, permit: Permit, count_error: Callable[[str], None]) -> None:
+        self.job = job
+        self.permit = permit
+        self.count_error = count_error
+        self.progress = TranscriptionProgress()
+        self.work: asyncio.Future[Transcript] | None = None
+        self.used: int | None = None  # None: ended early, billed by progress
+
+    async def events(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        decoded: asyncio.Queue[Segment | None] = asyncio.Queue()
+        self.work = work = asyncio.ensure_future(
+            self.job.run(self.progress, on_segment=lambda s: _hand_over(loop, decoded, s))
+        )
+        work.add_done_callback(lambda _: decoded.put_nowait(None))  # after every segment
+        try:
+            started = False
+            while (segment := await decoded.get()) is not None:
+                delta = segment.text if started else segment.text.lstrip()
+                if delta:
+                    started = True
+                    yield fmt.delta_event(delta)
+            transcript = await work
+            self.used = self.job.charge
+            yield fmt.done_event(transcript.text, self.job.charge)
+        except NodeError as err:
+            yield self._failed(err)
+        except Exception:
+            log.exception("streamed transcription failed")
+            yield self._failed(EngineError("The transcription failed inside the node."))
+
+    def _failed(self, err: NodeError) -> str:
+        self.used = 0
+        self.count_error(err.code)
+        return sse_error_event(err)
+
+    async def finish(self) -> None:
+        if self.work is not None and not self.work.done():  # the client left
+            self.work.cancel()
+            await asyncio.gather(self.work, return_exceptions=True)
+        self.permit.release()
+        used = audio_tokens(self.progress.done_s) if self.used is None else self.used
+        await self.job.bill.settle(used)
+
+
+def _hand_over(
+    loop: asyncio.AbstractEventLoop, decoded: asyncio.Queue[Segment | None], segment: Segment
+) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+        loop.call_soon_threadsafe(decoded.put_nowait, segment)
+
+
+def _render(transcript: Transcript, req: TranscriptionForm) -> Response:
     headers = audio_headers(transcript.duration)
     usage = {"type": "duration", "seconds": round(transcript.duration, 3)}
     match req.response_format:

@@ -11,29 +11,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from node.api.common import (
+    SSE_HEADERS,
     ClientGone,
     ClosingStreamingResponse,
     admit,
     cancel_if_client_leaves,
     read_json,
 )
-from node.billing import Bill, bill_of
+from node.billing import bill_of
 from node.config import ModelKind
 from node.engines.base import ChatResult, EngineDead
 from node.errors import EngineError, InvalidRequest, NodeError, sse_error_event
 from node.images import count_images, inline_images
 from node.registry import ModelEntry, Registry
-from node.scheduler import Permit
 
 log = logging.getLogger(__name__)
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_CHOICES = 128  # OpenAI's bound on n: one request (one slot) must not hold the whole engine
 
@@ -86,15 +86,19 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         await bill.settle(result.total_tokens)
         return JSONResponse(result.body)
     metrics = request.app.state.metrics
+    stream = result.stream
+    outcome = _Outcome()
+
+    async def finish() -> None:
+        """However the stream ended: slot back, vLLM's request closed (aborted if unfinished),
+        and the bill settled: what was produced, nothing if the stream failed."""
+        permit.release()
+        await stream.aclose()  # type: ignore[attr-defined]
+        await bill.settle(0 if outcome.failed else result.total_tokens)
+
     return ClosingStreamingResponse(
-        _stream(
-            result,
-            permit,
-            entry,
-            engine,
-            bill,
-            lambda code: metrics.stream_error(request.scope, code),
-        ),
+        _relay(result, entry, engine, outcome, lambda c: metrics.stream_error(request.scope, c)),
+        finish=finish,
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
@@ -137,39 +141,33 @@ def _count_images(body: dict[str, Any], entry: ModelEntry) -> int:
     return images
 
 
-async def _stream(
+@dataclass
+class _Outcome:
+    failed: bool = False
+
+
+async def _relay(
     result: ChatResult,
-    permit: Permit,
     entry: ModelEntry,
     engine: Any,
-    bill: Bill,
+    outcome: _Outcome,
     count_error: Callable[[str], None],
 ) -> AsyncIterator[str]:
-    """Pass the SSE chunks through; however the stream ends, release the slot and settle.
-
-    A client that goes away closes this generator, which closes the engine's (vLLM aborts)
-    and is charged what was produced; an error after the headers went out becomes an SSE
-    error event followed by [DONE], and a failed request is charged nothing.
-    """
+    """Pass the SSE chunks through; an error after the headers went out becomes an SSE error
+    event followed by [DONE], and marks the outcome failed (charged nothing)."""
     assert result.stream is not None
-    chunks = result.stream
-    failed = False
     try:
-        async for chunk in chunks:
+        async for chunk in result.stream:
             yield chunk
     except NodeError as err:
-        failed = True
+        outcome.failed = True
         if isinstance(err, EngineDead):
             entry.report_dead(engine)
         count_error(err.code)
         yield sse_error_event(err)
     except Exception:
-        failed = True
+        outcome.failed = True
         log.exception("stream of %s failed", entry.spec.name)
         err = EngineError("The stream failed inside the node.")
         count_error(err.code)
         yield sse_error_event(err)
-    finally:
-        permit.release()
-        await chunks.aclose()  # type: ignore[attr-defined]
-        await bill.settle(0 if failed else result.total_tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -18,6 +18,8 @@ from node.registry import ModelEntry
 from node.scheduler import Permit
 
 log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -105,17 +107,29 @@ async def admit(entry: ModelEntry) -> Permit:
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that closes its body iterator however the response ends.
+    """A StreamingResponse that closes its body iterator and then runs ``finish`` (release the
+    slot, settle the bill), exactly once however the response ends.
 
     When a client goes away while a send is blocked (it stopped reading), Starlette cancels
     the send, not the generator, and leaves the generator to the garbage collector; closing it
-    here runs its ``finally`` at once: slot released, bill settled, vLLM request aborted.
+    here runs its ``finally`` at once (the engine's request aborted). When the client is gone
+    before the first chunk, Starlette may never start the generator, whose own ``finally``
+    then never runs: that is why what the stream holds is let go by ``finish``, not by it.
     """
+
+    def __init__(
+        self, content: AsyncIterator[str], *, finish: Callable[[], Awaitable[None]], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._finish = finish
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            close = getattr(self.body_iterator, "aclose", None)
-            if close is not None:
-                await close()
+            try:
+                close = getattr(self.body_iterator, "aclose", None)
+                if close is not None:
+                    await close()
+            finally:
+                await self._finish()

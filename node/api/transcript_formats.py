@@ -1,7 +1,9 @@
-"""Rendering a transcript in the response formats OpenAI's transcription route offers."""
+"""Rendering a transcript in the response formats OpenAI's transcription route offers, and
+the server-sent events of a streamed one."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 from typing import Any
 
@@ -70,3 +72,25 @@ def _segments(t: Transcript) -> list[dict[str, Any]]:
         }
         for s in t.segments
     ]
+
+
+def delta_event(text: str) -> str:
+    """One ``transcript.text.delta`` event: the text of the segment just decoded."""
+    return _sse({"type": "transcript.text.delta", "delta": text})
+
+
+def done_event(text: str, tokens: int) -> str:
+    """The closing ``transcript.text.done`` event; its usage is what the key was charged
+    (100 tokens per second of audio), in the token form the SDK types it with."""
+    usage = {
+        "type": "tokens",
+        "input_tokens": tokens,
+        "input_token_details": {"audio_tokens": tokens, "text_tokens": 0},
+        "output_tokens": 0,
+        "total_tokens": tokens,
+    }
+    return _sse({"type": "transcript.text.done", "text": text, "usage": usage})
+
+
+def _sse(event: dict[str, Any]) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"

@@ -129,4 +129,5 @@ class TranscriptionEngine(Engine, Protocol):
         temperature: float,
         words: bool = False,
         progress: TranscriptionProgress | None = None,
+        on_segment: Callable[[Segment], None] | None = None,
     ) -> Transcript: ...

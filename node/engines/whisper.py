@@ -6,6 +6,7 @@ import asyncio
 import io
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -105,12 +106,16 @@ class WhisperEngine:
         temperature: float,
         words: bool = False,
         progress: TranscriptionProgress | None = None,
+        on_segment: Callable[[Segment], None] | None = None,
     ) -> Transcript:
         """The transcript, with each segment's words timed if ``words``; if the caller is
         cancelled (its client left), the decoding stops after the current segment, and this
-        returns only once it has: the slot is not free while the thread still works."""
+        returns only once it has: the slot is not free while the thread still works.
+
+        ``on_segment`` is called with each segment as soon as it is decoded, on the worker
+        thread (streaming hands it over to the event loop)."""
         progress = progress or TranscriptionProgress()
-        args = (audio, language, prompt, temperature, words, progress)
+        args = (audio, language, prompt, temperature, words, progress, on_segment)
         work = asyncio.ensure_future(asyncio.to_thread(self._transcribe, *args))
         try:
             return await asyncio.shield(work)
@@ -127,6 +132,7 @@ class WhisperEngine:
         temperature: float,
         words: bool,
         progress: TranscriptionProgress,
+        on_segment: Callable[[Segment], None] | None,
     ) -> Transcript:
         duration = len(audio) / SAMPLE_RATE
         kwargs: dict[str, Any] = dict(
@@ -146,23 +152,23 @@ class WhisperEngine:
             segments, info = self._model.transcribe(audio, **kwargs)
         out: list[Segment] = []
         for s in segments:  # lazy: each step decodes the next segment (or batch)
-            out.append(
-                Segment(
-                    id=len(out),
-                    start=round(s.start, 3),
-                    end=round(s.end, 3),
-                    text=s.text,
-                    avg_logprob=s.avg_logprob,
-                    compression_ratio=s.compression_ratio,
-                    no_speech_prob=s.no_speech_prob,
-                    temperature=s.temperature or 0.0,
-                    tokens=list(s.tokens),
-                    words=[
-                        Word(w.word.strip(), round(w.start, 3), round(w.end, 3))
-                        for w in s.words or ()
-                    ],
-                )
+            segment = Segment(
+                id=len(out),
+                start=round(s.start, 3),
+                end=round(s.end, 3),
+                text=s.text,
+                avg_logprob=s.avg_logprob,
+                compression_ratio=s.compression_ratio,
+                no_speech_prob=s.no_speech_prob,
+                temperature=s.temperature or 0.0,
+                tokens=list(s.tokens),
+                words=[
+                    Word(w.word.strip(), round(w.start, 3), round(w.end, 3)) for w in s.words or ()
+                ],
             )
+            out.append(segment)
+            if on_segment is not None:
+                on_segment(segment)
             progress.done_s = min(duration, s.end)
             if progress.stop.is_set():
                 raise TranscriptionStopped

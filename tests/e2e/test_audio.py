@@ -284,3 +284,110 @@ def test_a_client_that_leaves_stops_its_transcription_and_pays_for_what_was_done
     assert busy_slots() == 0
     charged = used() - before
     assert 0 < charged < math.ceil(round(seconds * 100, 6)) / 2
+
+
+def test_a_streamed_transcription_sends_a_delta_per_segment_then_the_done_event(
+    node: NodeProcess, client: openai.OpenAI, api_key: str, tmp_path: Path
+) -> None:
+    """``stream=True`` through the SDK: text deltas as segments are decoded, then the whole
+    text with the usage charged; the audio headers go out with the stream's 200."""
+    text = (
+        "Good morning. The weather in Stockholm is cold today. Tomorrow it will snow in "
+        "Uppsala. On Friday the sun returns to Gothenburg. The trains to Malmo are running late "
+        "this week. Many people in Stockholm take the ferry to work."
+    )
+    wav = speak(text, "en", tmp_path / "streamed.wav")
+    charge = math.ceil(round(duration_s(wav) * 100, 6))
+    headers = {"Authorization": f"Bearer {api_key}"}
+    before = int(
+        httpx.get(node.base_url + "/v1/models", headers=headers).headers["X-RateLimit-Used-Tokens"]
+    )
+    with open(wav, "rb") as f:
+        raw = client.audio.transcriptions.with_raw_response.create(
+            model="whisper-1", file=f, language="en", stream=True
+        )
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert int(raw.headers["X-Audio-Tokens-Charged"]) == charge
+    assert float(raw.headers["X-Audio-Duration-Seconds"]) == pytest.approx(duration_s(wav), 0.01)
+    events = list(raw.parse())
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    done = events[-1]
+    assert done.type == "transcript.text.done" and events[:-1] and len(deltas) == len(events) - 1
+    assert len(deltas) >= 2  # several segments, each sent as it was decoded
+    assert "".join(deltas).strip() == done.text
+    assert "Stockholm" in done.text and "Gothenburg" in done.text
+    assert done.usage is not None and done.usage.total_tokens == charge
+    after = int(
+        httpx.get(node.base_url + "/v1/models", headers=headers).headers["X-RateLimit-Used-Tokens"]
+    )
+    assert after - before == charge
+
+    with open(wav, "rb") as f:  # the same clip, not streamed: the same text
+        whole = client.audio.transcriptions.create(model="whisper-1", file=f, language="en")
+    assert whole.text == done.text
+
+
+def test_a_streamed_transcription_in_text_format_streams_too(
+    client: openai.OpenAI, speech: dict[str, Path]
+) -> None:
+    with open(speech["sv"], "rb") as f:
+        stream = client.audio.transcriptions.create(
+            model="kb-whisper-large", file=f, language="sv", response_format="text", stream=True
+        )
+        events = list(stream)
+    assert [e.type for e in events][-1] == "transcript.text.done"
+    assert "hej" in events[-1].text.lower()
+
+
+def test_a_stream_in_a_timed_format_is_400(
+    node: NodeProcess, api_key: str, speech: dict[str, Path]
+) -> None:
+    r = _post(node, api_key, speech["en"], response_format="srt", stream="true")
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "response_format"
+    assert r.headers["X-Audio-Tokens-Charged"] == "0"
+
+
+def test_a_client_that_leaves_a_streamed_transcription_stops_it_and_pays_for_what_was_done(
+    node: NodeProcess, api_key: str, tmp_path: Path
+) -> None:
+    """The client reads the first delta and hangs up: decoding stops after the segment in
+    hand, the slot frees, and the key pays for the audio transcribed, not the whole clip."""
+    paragraph = (
+        "Good morning. The weather in Stockholm is cold today. Tomorrow it will snow in "
+        "Uppsala. On Friday the sun returns to Gothenburg. The trains to Malmo are running "
+        "late this week. Many people in Stockholm take the ferry to work. "
+    )
+    wav = speak(paragraph * 14, "en", tmp_path / "very-long-streamed.wav")
+    seconds = duration_s(wav)
+    headers = {"Authorization": f"Bearer {api_key}"}
+
+    def used() -> int:
+        r = httpx.get(node.base_url + "/v1/models", headers=headers, timeout=30)
+        return int(r.headers["X-RateLimit-Used-Tokens"])
+
+    def busy_slots() -> int:
+        models = httpx.get(node.base_url + "/health", timeout=30).json()["models"]
+        return int(models["kb-whisper-large"]["slots_in_use"])
+
+    before = used()
+    with (
+        open(wav, "rb") as f,
+        httpx.Client(timeout=120) as http,
+        http.stream(
+            "POST",
+            node.base_url + "/v1/audio/transcriptions",
+            headers=headers,
+            files={"file": (wav.name, f)},
+            data={"model": "kb-whisper-large", "language": "en", "stream": "true"},
+        ) as r,
+    ):
+        assert r.status_code == 200
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(first[len("data: ") :])["type"] == "transcript.text.delta"
+    deadline = time.monotonic() + 60
+    while busy_slots() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert busy_slots() == 0
+    charged = used() - before
+    assert 0 < charged < math.ceil(round(seconds * 100, 6)) / 2

@@ -1,0 +1,62 @@
+"""ClosingStreamingResponse lets go of what a stream holds however the response ends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from node.api.common import ClosingStreamingResponse
+
+SCOPE = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST", "path": "/"}
+
+
+async def _serve(client_gone_after: int, sends_suspend: int) -> tuple[list[str], int]:
+    """One streamed response to a client that disconnects after ``client_gone_after`` loop
+    turns, over a server whose sends take ``sends_suspend`` turns."""
+    ran: list[str] = []
+    finished = 0
+
+    async def events() -> AsyncIterator[str]:
+        ran.append("started")
+        try:
+            for i in range(3):
+                await asyncio.sleep(0.01)
+                yield f"data: {i}\n\n"
+        finally:
+            ran.append("closed")
+
+    async def finish() -> None:
+        nonlocal finished
+        finished += 1
+
+    async def receive() -> dict[str, str]:
+        for _ in range(client_gone_after):
+            await asyncio.sleep(0)
+        return {"type": "http.disconnect"}
+
+    async def send(message: object) -> None:
+        for _ in range(sends_suspend):
+            await asyncio.sleep(0)
+
+    response = ClosingStreamingResponse(events(), finish=finish, media_type="text/event-stream")
+    await response(SCOPE, receive, send)
+    return ran, finished
+
+
+@pytest.mark.parametrize("client_gone_after", [0, 1, 3])
+@pytest.mark.parametrize("sends_suspend", [0, 1, 3])
+def test_finish_runs_once_whether_or_not_the_stream_ever_started(
+    client_gone_after: int, sends_suspend: int
+) -> None:
+    ran, finished = asyncio.run(_serve(client_gone_after, sends_suspend))
+    assert finished == 1
+    assert ran in ([], ["started", "closed"])  # a started stream is closed, not left to the GC
+
+
+def test_a_client_gone_before_the_first_chunk_can_leave_the_stream_unstarted() -> None:
+    """Why ``finish`` exists: Starlette may cancel the body before it starts, and a generator
+    never started never runs its ``finally``."""
+    ran, finished = asyncio.run(_serve(client_gone_after=0, sends_suspend=1))
+    assert ran == [] and finished == 1
