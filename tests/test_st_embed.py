@@ -115,3 +115,50 @@ def test_stop_fails_waiting_requests_and_refuses_new_ones() -> None:
         assert gate.batches == [[TEXTS[4]]] and not engine.dead
 
     asyncio.run(main())
+
+
+def _many_texts(n: int) -> list[str]:
+    """``n`` distinct texts of varied lengths."""
+    return [f"{TEXTS[i % len(TEXTS)]} ({i})" for i in range(n)]
+
+
+def test_a_big_request_goes_in_pieces_and_a_small_one_gets_its_turn_in_between() -> None:
+    async def body(engine: SentenceTransformerEngine) -> None:
+        assert engine.max_batch == 64
+        texts = _many_texts(200)
+        gate = _Gate(engine)
+        big = engine.embed(texts)
+        await gate.wait_started()
+        small = engine.embed(["Tåget till Malmö är försenat."])
+        finished: list[str] = []
+        big.add_done_callback(lambda _: finished.append("big"))
+        small.add_done_callback(lambda _: finished.append("small"))
+        gate.released.set()
+        vectors = await big
+        await small
+        # Round robin: the big request's pieces, the small one with the third, the rest.
+        assert [len(b) for b in gate.batches] == [64, 64, 64, 9]
+        assert "Tåget till Malmö är försenat." in gate.batches[2]
+        assert finished == ["small", "big"]
+        # Longest texts first, as encode() would order them; put back in the request's order.
+        assert gate.batches[0] == sorted(texts, key=len, reverse=True)[:64]
+        expected = engine._model.encode(
+            texts, batch_size=engine.batch_size, normalize_embeddings=True, convert_to_numpy=True
+        )
+        assert vectors.shape == expected.shape and np.allclose(vectors, expected, atol=1e-5)
+
+    _with_engine(body)
+
+
+def test_a_cancelled_big_request_stops_after_the_piece_in_flight() -> None:
+    async def body(engine: SentenceTransformerEngine) -> None:
+        texts = _many_texts(300)
+        gate = _Gate(engine)
+        big = engine.embed(texts)
+        await gate.wait_started()
+        big.cancel()  # what the route does when the client disconnects
+        gate.released.set()
+        await engine.embed(["after"])
+        assert [len(b) for b in gate.batches] == [64, 1]  # none of its other 236 texts
+
+    _with_engine(body)

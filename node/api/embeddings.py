@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from node.api.common import admit, parse, read_json
+from node.api.common import ClientGone, admit, cancel_if_client_leaves, parse, read_json
 from node.billing import bill_of
 from node.config import ModelKind
 from node.errors import InvalidRequest
@@ -74,8 +74,14 @@ async def embeddings(request: Request) -> Response:
         await bill.reserve(tokens)
         used = 0
         try:
-            vectors = await engine.embed(texts)
+            if len(texts) > 1:  # one text is one encode, not worth a watcher on the hot path
+                vectors = await cancel_if_client_leaves(request, engine.embed(texts))
+            else:
+                vectors = await engine.embed(texts)
             used = tokens
+        except ClientGone:
+            # The engine stops after the piece in flight; the vectors are never delivered.
+            return Response(status_code=499)  # nobody reads it; the access log shows why
         finally:
             await bill.settle(used)
     data = []

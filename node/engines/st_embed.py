@@ -1,9 +1,14 @@
 """Embeddings through sentence-transformers, with concurrent requests batched together.
 
-Requests queue their texts; the engine's own thread takes everything waiting (up to
-``max_batch`` texts), encodes it in one go (``_vectors``: what ``SentenceTransformer.encode``
-computes) and hands each request its rows back on the event loop. Batching is what lets many
-small concurrent requests approach the in-process ceiling.
+Requests queue their texts; the engine's own thread takes what waits, up to ``max_batch``
+texts, encodes it in one go (``_vectors``: what ``SentenceTransformer.encode`` computes) and
+hands each request its rows back on the event loop. Batching is what lets many small
+concurrent requests approach the in-process ceiling.
+
+A request bigger than what is left of a batch goes in pieces, longest texts first, and waits
+its turn again after each piece (round robin): small requests that arrive meanwhile are not
+stuck behind thousands of texts, and a big request cancelled (its client left) stops after the
+piece in flight.
 
 The thread gathers and encodes by itself rather than being driven from an asyncio task: a job
 reaches it without waiting for an event-loop turn, and only the results cross back (one call
@@ -25,8 +30,9 @@ import copy
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +48,25 @@ log = logging.getLogger(__name__)
 class _Job:
     texts: list[str]
     done: asyncio.Future[np.ndarray]
+    # Only for a job that goes in pieces (the encoder thread's own bookkeeping):
+    order: list[int] = field(default_factory=list)  # its rows, longest text first
+    sent: int = 0  # rows of ``order`` handed to a batch so far
+    out: np.ndarray | None = None  # its vectors, filled piece by piece
+    filled: int = 0  # rows of ``out`` filled
+
+    def left(self) -> int:
+        return len(self.texts) - self.sent
+
+
+@dataclass
+class _Piece:
+    job: _Job
+    rows: list[int] | None  # None: the whole job, in one piece
+
+    @property
+    def texts(self) -> list[str]:
+        texts = self.job.texts
+        return texts if self.rows is None else [texts[i] for i in self.rows]
 
 
 _STOP = None  # put on the queue by stop(): the encoder thread ends
@@ -137,11 +162,13 @@ class SentenceTransformerEngine:
             self._call_soon(_resolve, loaded, None, exc)
             return
         self._call_soon(_resolve, loaded, None, None)
+        pending: deque[_Job] = deque()  # jobs waiting for (more of) their texts, in turn
         try:
-            while (jobs := self._next_batch()) is not None:
-                if jobs:
-                    self._encode(jobs)
+            while (pieces := self._next_batch(pending)) is not None:
+                if pieces:
+                    self._encode(pieces, pending)
         finally:  # stopped, or (a bug) died: nobody may wait forever
+            self._fail(list(pending))
             self._fail_queued()
 
     def _load(self) -> Any:
@@ -155,39 +182,71 @@ class SentenceTransformerEngine:
         self._dimensions = int(model.get_embedding_dimension())
         return model
 
-    def _next_batch(self) -> list[_Job] | None:
-        """Wait for a job, then take whatever else is waiting, up to ``max_batch`` texts;
-        requests cancelled meanwhile are left out. None once ``stop`` was called."""
-        jobs: list[_Job] = []
-        size = 0
-        job = self._jobs.get()
-        while True:
+    def _next_batch(self, pending: deque[_Job]) -> list[_Piece] | None:
+        """About ``max_batch`` texts from the jobs in turn, waiting for one if there is none;
+        None once ``stop`` was called. Requests cancelled meanwhile are left out. A job of up
+        to ``max_batch`` texts goes whole (the batch may overshoot by less than one such job);
+        a bigger one gives what fits and goes back in line with the rest of it."""
+        arrived = [] if pending else [self._jobs.get()]
+        with contextlib.suppress(queue.Empty):  # everything queued joins the line
+            while True:
+                arrived.append(self._jobs.get_nowait())
+        for job in arrived:
             if job is _STOP:
-                self._fail(jobs)
+                self._fail(list(pending))
+                pending.clear()
                 return None
-            if not job.done.cancelled():
-                jobs.append(job)
-                size += len(job.texts)
-            if size >= self.max_batch:
-                return jobs
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return jobs
+            pending.append(job)
+        pieces: list[_Piece] = []
+        room = self.max_batch
+        for _ in range(len(pending)):
+            if room <= 0:
+                break
+            job = pending.popleft()
+            if job.done.cancelled():
+                continue
+            if job.sent == 0 and len(job.texts) <= self.max_batch:  # whole, as it came
+                pieces.append(_Piece(job, None))
+                room -= len(job.texts)
+                continue
+            if job.sent == 0:  # the first piece of many: longest first, as encode would
+                job.order = sorted(range(len(job.texts)), key=lambda i: -len(job.texts[i]))
+                job.out = np.empty((len(job.texts), self.dimensions), dtype=np.float32)
+            take = min(job.left(), room)
+            pieces.append(_Piece(job, job.order[job.sent : job.sent + take]))
+            job.sent += take
+            room -= take
+            if job.left():
+                pending.append(job)  # its next piece after the others' turn
+        return pieces
 
-    def _encode(self, jobs: list[_Job]) -> None:
-        texts = [t for job in jobs for t in job.texts]
+    def _encode(self, pieces: list[_Piece], pending: deque[_Job]) -> None:
+        texts = [t for piece in pieces for t in piece.texts]
         try:
             vectors = self._vectors(texts)
         except Exception as exc:  # one bad batch fails its requests, not the engine
             log.exception("embedding batch failed")
-            for job in jobs:
-                self._call_soon(_resolve, job.done, None, exc)
+            failed = {id(piece.job) for piece in pieces}
+            for piece in pieces:
+                self._call_soon(_resolve, piece.job.done, None, exc)
+            for _ in range(len(pending)):  # their next pieces are not encoded
+                job = pending.popleft()
+                if id(job) not in failed:
+                    pending.append(job)
             return
         offset = 0
-        for job in jobs:
-            n = len(job.texts)
-            self._call_soon(_resolve, job.done, vectors[offset : offset + n], None)
+        for piece in pieces:
+            job = piece.job
+            if piece.rows is None:
+                n = len(job.texts)
+                self._call_soon(_resolve, job.done, vectors[offset : offset + n], None)
+            else:
+                n = len(piece.rows)
+                assert job.out is not None
+                job.out[piece.rows] = vectors[offset : offset + n]
+                job.filled += n
+                if job.filled == len(job.texts):  # its last piece
+                    self._call_soon(_resolve, job.done, job.out, None)
             offset += n
 
     def _vectors(self, texts: list[str]) -> np.ndarray:
