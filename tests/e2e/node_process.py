@@ -107,6 +107,19 @@ class NodeProcess:
         r.raise_for_status()
         return r.json()
 
+    def used_tokens(self, key: str) -> int:
+        """What the key's window holds now, read from the headers of the free /v1/models."""
+        r = httpx.get(self.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200
+        return int(r.headers["X-RateLimit-Used-Tokens"])
+
+    def wait_slots_free(self, name: str, timeout: float = 60) -> int:
+        """Wait until the model holds no slot; the slots still held when it gave up."""
+        deadline = time.monotonic() + timeout
+        while (busy := int(self.model(name)["slots_in_use"])) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return busy
+
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """GET /metrics as {(sample name, sorted labels): value}."""
         r = httpx.get(self.base_url + "/metrics", timeout=10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,12 @@ from tests.e2e.audio_files import CONTAINERS, convert, duration_s, speak
 from tests.e2e.node_process import NodeProcess
 
 pytestmark = pytest.mark.e2e
+
+SENTENCES = (
+    "Good morning. The weather in Stockholm is cold today. Tomorrow it will snow in Uppsala. "
+    "On Friday the sun returns to Gothenburg. The trains to Malmo are running late this week. "
+    "Many people in Stockholm take the ferry to work. "
+)
 
 
 @pytest.fixture(scope="session")
@@ -228,11 +233,9 @@ def test_long_audio_goes_through_the_batched_pipeline(
 ) -> None:
     """Above the stand-in's batched_from_s (20 s) the batched, VAD-chunked pipeline runs."""
     text = (
-        "Good morning. The weather in Stockholm is cold today. Tomorrow it will snow in "
-        "Uppsala. On Friday the sun returns to Gothenburg. The trains to Malmo are running late "
-        "this week. Many people in Stockholm take the ferry to work. The museum opens at ten in "
-        "the morning. In the evening we eat dinner together. The children play in the park "
-        "near the lake. Next summer we will travel north to see the midnight sun."
+        SENTENCES + "The museum opens at ten in the morning. In the evening we eat dinner "
+        "together. The children play in the park near the lake. Next summer we will travel "
+        "north to see the midnight sun."
     )
     wav = speak(text, "en", tmp_path / "long.wav")
     seconds = duration_s(wav)
@@ -245,45 +248,32 @@ def test_long_audio_goes_through_the_batched_pipeline(
     assert int(r.headers["X-Audio-Tokens-Charged"]) == math.ceil(round(seconds * 100, 6))
 
 
+@pytest.fixture(scope="module")
+def very_long(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Over 150 s of speech: long enough that a client leaving is seen mid-way."""
+    wav = speak(SENTENCES * 14, "en", tmp_path_factory.mktemp("long") / "very-long.wav")
+    assert duration_s(wav) > 150
+    return wav
+
+
 def test_a_client_that_leaves_stops_its_transcription_and_pays_for_what_was_done(
-    node: NodeProcess, api_key: str, tmp_path: Path
+    node: NodeProcess, api_key: str, very_long: Path
 ) -> None:
     """The client gives up (read timeout) while a long clip is transcribed: decoding stops
     after the segment in hand, the slot frees long before the clip would have been done,
     and the key is charged for the audio transcribed, not for the whole clip."""
-    paragraph = (
-        "Good morning. The weather in Stockholm is cold today. Tomorrow it will snow in "
-        "Uppsala. On Friday the sun returns to Gothenburg. The trains to Malmo are running "
-        "late this week. Many people in Stockholm take the ferry to work. "
-    )
-    wav = speak(paragraph * 14, "en", tmp_path / "very-long.wav")
-    seconds = duration_s(wav)
-    assert seconds > 150
-    headers = {"Authorization": f"Bearer {api_key}"}
-
-    def used() -> int:
-        r = httpx.get(node.base_url + "/v1/models", headers=headers, timeout=30)
-        return int(r.headers["X-RateLimit-Used-Tokens"])
-
-    def busy_slots() -> int:
-        models = httpx.get(node.base_url + "/health", timeout=30).json()["models"]
-        return int(models["kb-whisper-large"]["slots_in_use"])
-
-    before = used()
-    with pytest.raises(httpx.ReadTimeout), open(wav, "rb") as f:
+    before = node.used_tokens(api_key)
+    with pytest.raises(httpx.ReadTimeout), open(very_long, "rb") as f:
         httpx.post(
             node.base_url + "/v1/audio/transcriptions",
-            headers=headers,
-            files={"file": (wav.name, f)},
+            headers={"Authorization": f"Bearer {api_key}"},
+            files={"file": (very_long.name, f)},
             data={"model": "kb-whisper-large", "language": "en"},
             timeout=httpx.Timeout(60, read=1.5),
         )
-    deadline = time.monotonic() + 60
-    while busy_slots() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert busy_slots() == 0
-    charged = used() - before
-    assert 0 < charged < math.ceil(round(seconds * 100, 6)) / 2
+    assert node.wait_slots_free("kb-whisper-large") == 0
+    charged = node.used_tokens(api_key) - before
+    assert 0 < charged < math.ceil(round(duration_s(very_long) * 100, 6)) / 2
 
 
 def test_a_streamed_transcription_sends_a_delta_per_segment_then_the_done_event(
@@ -291,17 +281,9 @@ def test_a_streamed_transcription_sends_a_delta_per_segment_then_the_done_event(
 ) -> None:
     """``stream=True`` through the SDK: text deltas as segments are decoded, then the whole
     text with the usage charged; the audio headers go out with the stream's 200."""
-    text = (
-        "Good morning. The weather in Stockholm is cold today. Tomorrow it will snow in "
-        "Uppsala. On Friday the sun returns to Gothenburg. The trains to Malmo are running late "
-        "this week. Many people in Stockholm take the ferry to work."
-    )
-    wav = speak(text, "en", tmp_path / "streamed.wav")
+    wav = speak(SENTENCES, "en", tmp_path / "streamed.wav")
     charge = math.ceil(round(duration_s(wav) * 100, 6))
-    headers = {"Authorization": f"Bearer {api_key}"}
-    before = int(
-        httpx.get(node.base_url + "/v1/models", headers=headers).headers["X-RateLimit-Used-Tokens"]
-    )
+    before = node.used_tokens(api_key)
     with open(wav, "rb") as f:
         raw = client.audio.transcriptions.with_raw_response.create(
             model="whisper-1", file=f, language="en", stream=True
@@ -317,10 +299,7 @@ def test_a_streamed_transcription_sends_a_delta_per_segment_then_the_done_event(
     assert "".join(deltas).strip() == done.text
     assert "Stockholm" in done.text and "Gothenburg" in done.text
     assert done.usage is not None and done.usage.total_tokens == charge
-    after = int(
-        httpx.get(node.base_url + "/v1/models", headers=headers).headers["X-RateLimit-Used-Tokens"]
-    )
-    assert after - before == charge
+    assert node.used_tokens(api_key) - before == charge
 
     with open(wav, "rb") as f:  # the same clip, not streamed: the same text
         whole = client.audio.transcriptions.create(model="whisper-1", file=f, language="en")
@@ -349,45 +328,25 @@ def test_a_stream_in_a_timed_format_is_400(
 
 
 def test_a_client_that_leaves_a_streamed_transcription_stops_it_and_pays_for_what_was_done(
-    node: NodeProcess, api_key: str, tmp_path: Path
+    node: NodeProcess, api_key: str, very_long: Path
 ) -> None:
     """The client reads the first delta and hangs up: decoding stops after the segment in
     hand, the slot frees, and the key pays for the audio transcribed, not the whole clip."""
-    paragraph = (
-        "Good morning. The weather in Stockholm is cold today. Tomorrow it will snow in "
-        "Uppsala. On Friday the sun returns to Gothenburg. The trains to Malmo are running "
-        "late this week. Many people in Stockholm take the ferry to work. "
-    )
-    wav = speak(paragraph * 14, "en", tmp_path / "very-long-streamed.wav")
-    seconds = duration_s(wav)
-    headers = {"Authorization": f"Bearer {api_key}"}
-
-    def used() -> int:
-        r = httpx.get(node.base_url + "/v1/models", headers=headers, timeout=30)
-        return int(r.headers["X-RateLimit-Used-Tokens"])
-
-    def busy_slots() -> int:
-        models = httpx.get(node.base_url + "/health", timeout=30).json()["models"]
-        return int(models["kb-whisper-large"]["slots_in_use"])
-
-    before = used()
+    before = node.used_tokens(api_key)
     with (
-        open(wav, "rb") as f,
+        open(very_long, "rb") as f,
         httpx.Client(timeout=120) as http,
         http.stream(
             "POST",
             node.base_url + "/v1/audio/transcriptions",
-            headers=headers,
-            files={"file": (wav.name, f)},
+            headers={"Authorization": f"Bearer {api_key}"},
+            files={"file": (very_long.name, f)},
             data={"model": "kb-whisper-large", "language": "en", "stream": "true"},
         ) as r,
     ):
         assert r.status_code == 200
         first = next(line for line in r.iter_lines() if line.startswith("data: "))
         assert json.loads(first[len("data: ") :])["type"] == "transcript.text.delta"
-    deadline = time.monotonic() + 60
-    while busy_slots() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert busy_slots() == 0
-    charged = used() - before
-    assert 0 < charged < math.ceil(round(seconds * 100, 6)) / 2
+    assert node.wait_slots_free("kb-whisper-large") == 0
+    charged = node.used_tokens(api_key) - before
+    assert 0 < charged < math.ceil(round(duration_s(very_long) * 100, 6)) / 2

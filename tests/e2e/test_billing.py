@@ -29,16 +29,9 @@ def _headers(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def used(node: NodeProcess, key: str) -> int:
-    """What the key's window holds now, read from the headers of the free /v1/models."""
-    r = httpx.get(node.base_url + "/v1/models", headers=_headers(key))
-    assert r.status_code == 200
-    return int(r.headers["X-RateLimit-Used-Tokens"])
-
-
 def wait_used(node: NodeProcess, key: str, expected: int, timeout: float = 15) -> int:
     deadline = time.monotonic() + timeout
-    while (value := used(node, key)) != expected and time.monotonic() < deadline:
+    while (value := node.used_tokens(key)) != expected and time.monotonic() < deadline:
         time.sleep(0.2)
     return value
 
@@ -105,10 +98,10 @@ def test_rate_headers_on_success_error_and_models(node: NodeProcess, fresh_key: 
 
 
 def test_models_listing_costs_nothing(node: NodeProcess, fresh_key: str) -> None:
-    before = used(node, fresh_key)
+    before = node.used_tokens(fresh_key)
     for _ in range(3):
-        used(node, fresh_key)
-    assert used(node, fresh_key) == before == 0
+        node.used_tokens(fresh_key)
+    assert node.used_tokens(fresh_key) == before == 0
 
 
 def test_stream_headers_and_charge(node: NodeProcess, fresh_key: str) -> None:
@@ -170,7 +163,7 @@ def test_stream_cut_by_client_is_charged_for_its_part(node: NodeProcess, fresh_k
             if got >= 5:
                 break
     deadline = time.monotonic() + 20
-    while (now := used(node, fresh_key)) == reserved and time.monotonic() < deadline:
+    while (now := node.used_tokens(fresh_key)) == reserved and time.monotonic() < deadline:
         time.sleep(0.2)
     prompt = reserved - 200
     assert prompt < now < reserved  # the prompt and a part of the reply, not the whole hold
@@ -187,7 +180,7 @@ def test_request_over_the_whole_limit_is_429_no_retry(node: NodeProcess) -> None
     assert r.json()["error"]["code"] == "insufficient_quota"
     assert r.headers["x-should-retry"] == "false"
     assert all(h in r.headers for h in RATE_HEADERS)
-    assert used(node, key) == 0  # nothing charged for a refused request
+    assert node.used_tokens(key) == 0  # nothing charged for a refused request
 
 
 def test_spent_daily_cap_is_429_with_true_retry_after(node: NodeProcess) -> None:

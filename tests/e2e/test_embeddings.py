@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -91,30 +90,17 @@ def test_a_client_that_leaves_a_big_request_frees_its_slot_and_pays_nothing(
     1.5 s. The request ends there (the engine drops its remaining pieces, unit-tested in
     test_st_embed.py) and, its vectors never delivered, costs nothing."""
     key = node.create_key("--plan", "agent-pro")
-    headers = {"Authorization": f"Bearer {key}"}
     texts = [
         f"Mening nummer {i} om vädret, tågen och elpriset i Sverige i vinter." for i in range(2048)
     ]
-
-    def used() -> int:
-        r = httpx.get(node.base_url + "/v1/models", headers=headers, timeout=30)
-        return int(r.headers["X-RateLimit-Used-Tokens"])
-
-    def busy_slots() -> int:
-        models = httpx.get(node.base_url + "/health", timeout=30).json()["models"]
-        return int(models[MODEL]["slots_in_use"])
-
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             node.base_url + "/v1/embeddings",
-            headers=headers,
+            headers={"Authorization": f"Bearer {key}"},
             json={"model": MODEL, "input": texts},
             timeout=httpx.Timeout(60, read=1.5),
         )
-    deadline = time.monotonic() + 30
-    while busy_slots() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert busy_slots() == 0
-    assert used() == 0
+    assert node.wait_slots_free(MODEL, timeout=30) == 0
+    assert node.used_tokens(key) == 0
     fits = openai.OpenAI(api_key=key, base_url=node.base_url + "/v1", max_retries=0)
     assert len(fits.embeddings.create(model=MODEL, input=texts[:3]).data) == 3
