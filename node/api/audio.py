@@ -4,13 +4,9 @@ or (``stream=true``) a server-sent event per decoded segment."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
@@ -25,17 +21,15 @@ from node.api.common import (
     cancel_if_client_leaves,
     parse,
 )
+from node.api.transcription_job import StreamedTranscription, TranscriptionJob
 from node.api.uploads import read_form
-from node.billing import Bill, bill_of
+from node.billing import bill_of
 from node.config import ModelKind
-from node.engines.base import Segment, Transcript, TranscriptionEngine, TranscriptionProgress
+from node.engines.base import Transcript, TranscriptionProgress
 from node.engines.whisper import SAMPLE_RATE, decode_audio, is_language
-from node.errors import EngineError, InvalidRequest, NodeError, sse_error_event
+from node.errors import InvalidRequest, NodeError
 from node.metering import audio_headers, audio_tokens
 from node.registry import Registry
-from node.scheduler import Permit
-
-log = logging.getLogger(__name__)
 
 STREAMED_FORMATS = ("json", "text")  # a stream carries text events, not timed segments
 
@@ -110,10 +104,12 @@ async def _transcribe(request: Request, heard: _Heard) -> Response:
         await form.close()
         raise
 
-    job = _Job(engine, audio, req, bill, charge)
+    job = TranscriptionJob(
+        engine, audio, req.language, req.prompt, req.temperature, req.words, bill, charge
+    )
     if req.stream:
         metrics = request.app.state.metrics
-        streamed = _StreamedTranscription(
+        streamed = StreamedTranscription(
             job, permit, lambda code: metrics.stream_error(request.scope, code)
         )
         return ClosingStreamingResponse(
@@ -160,94 +156,6 @@ def _parse_fields(fields: dict[str, object]) -> TranscriptionForm:
             param="response_format",
         )
     return req
-
-
-@dataclass
-class _Job:
-    """One admitted transcription: the decoded audio, what was asked, and its held charge."""
-
-    engine: TranscriptionEngine
-    audio: np.ndarray
-    req: TranscriptionForm
-    bill: Bill
-    charge: int
-
-    def run(
-        self,
-        progress: TranscriptionProgress,
-        on_segment: Callable[[Segment], None] | None = None,
-    ) -> Awaitable[Transcript]:
-        return self.engine.transcribe(
-            self.audio,
-            language=self.req.language,
-            prompt=self.req.prompt,
-            temperature=self.req.temperature,
-            words=self.req.words,
-            progress=progress,
-            on_segment=on_segment,
-        )
-
-
-class _StreamedTranscription:
-    """One delta event per decoded segment, then the done event.
-
-    ``finish`` runs however the stream ends (``ClosingStreamingResponse``): it stops the
-    decoding after the segment in hand if the client left, releases the slot, and settles:
-    the whole clip once done, the audio transcribed if the client left, nothing if the
-    transcription failed (an SSE error event says why). The work starts with the first event
-    asked for, so a stream never started costs nothing.
-    """
-
-    def __init__(self, job: _Job, permit: Permit, count_error: Callable[[str], None]) -> None:
-        self.job = job
-        self.permit = permit
-        self.count_error = count_error
-        self.progress = TranscriptionProgress()
-        self.work: asyncio.Future[Transcript] | None = None
-        self.used: int | None = None  # None: ended early, billed by progress
-
-    async def events(self) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        decoded: asyncio.Queue[Segment | None] = asyncio.Queue()
-        self.work = work = asyncio.ensure_future(
-            self.job.run(self.progress, on_segment=lambda s: _hand_over(loop, decoded, s))
-        )
-        work.add_done_callback(lambda _: decoded.put_nowait(None))  # after every segment
-        try:
-            started = False
-            while (segment := await decoded.get()) is not None:
-                delta = segment.text if started else segment.text.lstrip()
-                if delta:
-                    started = True
-                    yield fmt.delta_event(delta)
-            transcript = await work
-            self.used = self.job.charge
-            yield fmt.done_event(transcript.text, self.job.charge)
-        except NodeError as err:
-            yield self._failed(err)
-        except Exception:
-            log.exception("streamed transcription failed")
-            yield self._failed(EngineError("The transcription failed inside the node."))
-
-    def _failed(self, err: NodeError) -> str:
-        self.used = 0
-        self.count_error(err.code)
-        return sse_error_event(err)
-
-    async def finish(self) -> None:
-        if self.work is not None and not self.work.done():  # the client left
-            self.work.cancel()
-            await asyncio.gather(self.work, return_exceptions=True)
-        self.permit.release()
-        used = audio_tokens(self.progress.done_s) if self.used is None else self.used
-        await self.job.bill.settle(used)
-
-
-def _hand_over(
-    loop: asyncio.AbstractEventLoop, decoded: asyncio.Queue[Segment | None], segment: Segment
-) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-        loop.call_soon_threadsafe(decoded.put_nowait, segment)
 
 
 def _render(transcript: Transcript, req: TranscriptionForm) -> Response:
