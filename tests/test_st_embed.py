@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from node.config import ModelKind
-from node.engines.base import EngineDead
+from node.engines.base import EmbeddingProgress, EngineDead
 from node.engines.st_embed import SentenceTransformerEngine
 from tests.standins import standin_spec
 
@@ -154,11 +154,15 @@ def test_a_cancelled_big_request_stops_after_the_piece_in_flight() -> None:
     async def body(engine: SentenceTransformerEngine) -> None:
         texts = _many_texts(300)
         gate = _Gate(engine)
-        big = engine.embed(texts)
+        progress = EmbeddingProgress()
+        big = engine.embed(texts, progress)
         await gate.wait_started()
         big.cancel()  # what the route does when the client disconnects
+        taken = progress.taken()  # what the route bills: the piece in flight
         gate.released.set()
         await engine.embed(["after"])
         assert [len(b) for b in gate.batches] == [64, 1]  # none of its other 236 texts
+        assert sorted(texts[i] for i in taken) == sorted(gate.batches[0])
+        assert progress.taken() == taken
 
     _with_engine(body)

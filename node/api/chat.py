@@ -95,8 +95,10 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         (aborted if unfinished), and the bill settled: what was produced, nothing if the
         stream failed."""
         permit.release()
-        await stream.aclose()  # type: ignore[attr-defined]
-        await bill.settle(0 if outcome.failed else result.total_tokens)
+        try:
+            await stream.aclose()  # type: ignore[attr-defined]
+        finally:  # settled even if vLLM's abort fails (its engine died under the stream)
+            await bill.settle(0 if outcome.failed else result.total_tokens)
 
     return ClosingStreamingResponse(
         _relay(

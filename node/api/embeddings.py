@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from node.api.common import ClientGone, admit, cancel_if_client_leaves, parse, read_json
 from node.billing import bill_of
 from node.config import ModelKind
+from node.engines.base import EmbeddingProgress
 from node.errors import InvalidRequest
 from node.registry import Registry
 
@@ -61,9 +62,10 @@ async def embeddings(request: Request) -> Response:
     bill = bill_of(request)
     with await admit(entry):
         if sum(map(len, texts)) > _INLINE_TOKENIZE_CHARS:  # big inputs: off the event loop
-            tokens = sum(await asyncio.to_thread(engine.count_tokens, texts))
+            counts = await asyncio.to_thread(engine.count_tokens, texts)
         else:
-            tokens = sum(engine.count_tokens(texts))
+            counts = engine.count_tokens(texts)
+        tokens = sum(counts)
         if tokens > MAX_REQUEST_TOKENS:
             raise InvalidRequest(
                 f"Requested {tokens} tokens, max {MAX_REQUEST_TOKENS} tokens per request "
@@ -73,14 +75,18 @@ async def embeddings(request: Request) -> Response:
             )
         await bill.reserve(tokens)
         used = 0
+        # One text is one encode, not worth watching for the client on the hot path.
+        progress = EmbeddingProgress() if len(texts) > 1 else None
         try:
-            if len(texts) > 1:  # one text is one encode, not worth a watcher on the hot path
-                vectors = await cancel_if_client_leaves(request, engine.embed(texts))
-            else:
+            if progress is None:
                 vectors = await engine.embed(texts)
+            else:
+                vectors = await cancel_if_client_leaves(request, engine.embed(texts, progress))
             used = tokens
         except ClientGone:
-            # The engine stops after the piece in flight; the vectors are never delivered.
+            # The engine drops the pieces not yet started; the inputs it took are billed.
+            assert progress is not None
+            used = sum(counts[i] for i in progress.taken())
             return Response(status_code=499)  # nobody reads it; the access log shows why
         finally:
             await bill.settle(used)

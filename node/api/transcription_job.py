@@ -82,6 +82,8 @@ class StreamedTranscription:
                 if delta:
                     started = True
                     yield fmt.delta_event(delta)
+            # The thread has ended: free the slot now, not turns later in ``finish``.
+            self.permit.release()
             transcript = await work
             self.used = self.job.charge
             yield fmt.done_event(transcript.text, self.job.charge)
@@ -97,9 +99,12 @@ class StreamedTranscription:
         return sse_error_event(err)
 
     async def finish(self) -> None:
-        if self.work is not None and not self.work.done():  # the client left
-            self.work.cancel()
-            await asyncio.gather(self.work, return_exceptions=True)
+        if self.work is not None:
+            if not self.work.done():  # the client left: stop after the segment in hand
+                self.work.cancel()
+            (outcome,) = await asyncio.gather(self.work, return_exceptions=True)
+            if self.used is None and isinstance(outcome, Exception):
+                self.used = 0  # it failed (after the client left): nothing is charged
         self.permit.release()
         used = audio_tokens(self.progress.done_s) if self.used is None else self.used
         await self.job.bill.settle(used)

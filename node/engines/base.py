@@ -90,6 +90,21 @@ class TranscriptionProgress:
 
 
 @dataclass
+class EmbeddingProgress:
+    """Shared by an embeddings request and the engine: the inputs handed to the encoder so
+    far (once handed over they are encoded, even if the request is cancelled). Read after
+    cancelling, it is exactly the work the request cost: the engine records and checks for
+    cancellation under ``lock``."""
+
+    rows: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def taken(self) -> list[int]:
+        with self.lock:
+            return list(self.rows)
+
+
+@dataclass
 class Transcript:
     text: str
     language: str
@@ -116,7 +131,9 @@ class ChatEngine(Engine, Protocol):
 
 class EmbeddingEngine(Engine, Protocol):
     def count_tokens(self, texts: list[str]) -> list[int]: ...
-    def embed(self, texts: list[str]) -> Awaitable[np.ndarray]: ...
+    def embed(
+        self, texts: list[str], progress: EmbeddingProgress | None = None
+    ) -> Awaitable[np.ndarray]: ...
 
 
 class TranscriptionEngine(Engine, Protocol):

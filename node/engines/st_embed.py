@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from node.config import ModelSpec
-from node.engines.base import EngineDead
+from node.engines.base import EmbeddingProgress, EngineDead
 from node.errors import ContextLengthExceeded
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 class _Job:
     texts: list[str]
     done: asyncio.Future[np.ndarray]
+    progress: EmbeddingProgress | None = None
     # Only for a job that goes in pieces (the encoder thread's own bookkeeping):
     order: list[int] = field(default_factory=list)  # its rows, longest text first
     sent: int = 0  # rows of ``order`` handed to a batch so far
@@ -89,8 +90,8 @@ def _plain_counter(tokenizer: Any) -> Any:
 class SentenceTransformerEngine:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self.max_batch = int(spec.engine.get("max_batch", 64))
-        self.batch_size = int(spec.engine.get("batch_size", 16))
+        self.max_batch = max(1, int(spec.engine.get("max_batch", 64)))
+        self.batch_size = max(1, int(spec.engine.get("batch_size", 16)))
         self._model: Any = None
         self._dimensions = 0
         self._counter: Any = None  # a tokenizer of its own for count_tokens (see start)
@@ -131,15 +132,17 @@ class SentenceTransformerEngine:
                 )
         return counts
 
-    def embed(self, texts: list[str]) -> asyncio.Future[np.ndarray]:
+    def embed(
+        self, texts: list[str], progress: EmbeddingProgress | None = None
+    ) -> asyncio.Future[np.ndarray]:
         """One unit-length vector per text, batched with whatever else is waiting.
 
         The texts are queued before this returns, so the encode can start while the caller
         does other work before awaiting. Cancelling the future drops texts whose batch has
-        not started yet.
+        not started yet; ``progress`` then tells which were encoded all the same.
         """
         assert self._loop is not None, "embed() before start()"
-        job = _Job(texts, self._loop.create_future())
+        job = _Job(texts, self._loop.create_future(), progress)
         if self._stopping or self.dead:
             job.done.set_exception(_stopped(self.spec.name))
         else:
@@ -191,9 +194,9 @@ class SentenceTransformerEngine:
         with contextlib.suppress(queue.Empty):  # everything queued joins the line
             while True:
                 arrived.append(self._jobs.get_nowait())
-        for job in arrived:
+        for i, job in enumerate(arrived):
             if job is _STOP:
-                self._fail(list(pending))
+                self._fail([*pending, *(j for j in arrived[i + 1 :] if j is not _STOP)])
                 pending.clear()
                 return None
             pending.append(job)
@@ -206,16 +209,19 @@ class SentenceTransformerEngine:
             if job.done.cancelled():
                 continue
             if job.sent == 0 and len(job.texts) <= self.max_batch:  # whole, as it came
-                pieces.append(_Piece(job, None))
-                room -= len(job.texts)
+                if _take(job, None):
+                    pieces.append(_Piece(job, None))
+                    room -= len(job.texts)
                 continue
             if job.sent == 0:  # the first piece of many: longest first, as encode would
                 job.order = sorted(range(len(job.texts)), key=lambda i: -len(job.texts[i]))
                 job.out = np.empty((len(job.texts), self.dimensions), dtype=np.float32)
-            take = min(job.left(), room)
-            pieces.append(_Piece(job, job.order[job.sent : job.sent + take]))
-            job.sent += take
-            room -= take
+            rows = job.order[job.sent : job.sent + min(job.left(), room)]
+            if not _take(job, rows):
+                continue
+            pieces.append(_Piece(job, rows))
+            job.sent += len(rows)
+            room -= len(rows)
             if job.left():
                 pending.append(job)  # its next piece after the others' turn
         return pieces
@@ -285,6 +291,19 @@ class SentenceTransformerEngine:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
             self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _take(job: _Job, rows: list[int] | None) -> bool:
+    """Hand ``rows`` of the job (None: all) to the batch being formed, unless the request
+    was cancelled; recorded in its progress under the lock, so that a request that reads its
+    progress after cancelling sees exactly what is encoded."""
+    if job.progress is None:
+        return not job.done.cancelled()
+    with job.progress.lock:
+        if job.done.cancelled():
+            return False
+        job.progress.rows.extend(range(len(job.texts)) if rows is None else rows)
+        return True
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
