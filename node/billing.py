@@ -91,8 +91,9 @@ class Bill:
         except StoreUnavailable as exc:
             raise store_down(exc) from None
 
-    async def settle(self, actual_tokens: int) -> None:
-        """Replace the hold by what was really used.
+    async def settle(self, actual_tokens: int) -> int:
+        """Replace the hold by what was really used; returns the tokens charged (0 if nothing
+        was held, or it was settled before).
 
         The headers follow at once (the hold swapped for the actual count). When the count
         equals the hold (embeddings, audio), the store's view does not change either, so the
@@ -101,7 +102,7 @@ class Bill:
         request is cancelled (client gone), and ``flush_settles`` waits for it at shutdown.
         """
         if self.reservation is None or self.settled:
-            return
+            return 0
         self.settled = True
         tokens = max(0, actual_tokens)
         self.usage = Usage.of(self.usage.limit, self.usage.used - self.reservation.tokens + tokens)
@@ -110,6 +111,7 @@ class Bill:
         task.add_done_callback(_pending_settles.discard)
         if tokens != self.reservation.tokens:
             await asyncio.shield(task)
+        return tokens
 
     async def _settle(self, reservation: Reservation, tokens: int) -> None:
         try:

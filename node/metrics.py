@@ -1,6 +1,6 @@
 """Prometheus metrics at GET /metrics (open, like /health): how long requests take, by route
-and status, streams that failed midway, and how each model stands (state, slots in use,
-restarts), read when scraped.
+and status, streams that failed midway, tokens charged by model, and how each model stands
+(state, slots in use, restarts), read when scraped.
 
 The duration runs from the request's arrival in the app to its last byte handed to the
 server: for a 429 or a non-streaming answer that is the node's whole share of the latency.
@@ -78,6 +78,13 @@ class Metrics:
             ["route", "code"],
             registry=self.registry,
         )
+        self.tokens = Counter(
+            "staik_tokens_charged",
+            "Tokens charged to keys, by model and type: prompt and completion (chat), input "
+            "(embeddings), audio (transcriptions, 100 per second)",
+            ["model", "type"],
+            registry=self.registry,
+        )
         self.registry.register(_ModelCollector(models))
         self._static_paths = frozenset(p for p in route_paths if "{" not in p)
 
@@ -93,6 +100,12 @@ class Metrics:
         """Count a stream that failed after its headers: its duration is recorded under the
         status that went out (200), so this is where such failures show."""
         self.stream_errors.labels(self.route_of(scope), code).inc()
+
+    def charged(self, model: str, **tokens_by_type: int) -> None:
+        """Count what a request was charged, e.g. ``charged(name, prompt=12, completion=40)``."""
+        for kind, n in tokens_by_type.items():
+            if n > 0:
+                self.tokens.labels(model, kind).inc(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -35,7 +35,8 @@ def test_exact_charge_settles_in_the_background_and_flushes(tmp_path: Path) -> N
         store = SlowSettleStore(tmp_path / "a.db")
         bill = await _bill(store)
         await bill.reserve(40)
-        await asyncio.wait_for(bill.settle(40), 1)  # returns although the write is held
+        # Returns (the tokens charged) although the write is held.
+        assert await asyncio.wait_for(bill.settle(40), 1) == 40
         assert bill.headers()["X-RateLimit-Used-Tokens"] == "40"
         flushing = asyncio.ensure_future(flush_settles())
         await asyncio.sleep(0.05)
@@ -60,10 +61,10 @@ def test_smaller_actual_is_written_before_settle_returns(tmp_path: Path) -> None
         await asyncio.sleep(0.05)
         assert not settling.done()  # the caller's next request must see 30, not 100
         store.gate.set()
-        await asyncio.wait_for(settling, 5)
+        assert await asyncio.wait_for(settling, 5) == 30
         assert bill.headers()["X-RateLimit-Used-Tokens"] == "30"
         assert (await store.usage(bill.key.id, 1000.0)).used == 30
-        await bill.settle(30)  # a second settle is a no-op
+        assert await bill.settle(30) == 0  # a second settle is a no-op and charges nothing
         assert (await store.usage(bill.key.id, 1000.0)).used == 30
         await store.close()
 

@@ -110,7 +110,10 @@ async def _transcribe(request: Request, heard: _Heard) -> Response:
     if req.stream:
         metrics = request.app.state.metrics
         streamed = StreamedTranscription(
-            job, permit, lambda code: metrics.stream_error(request.scope, code)
+            job,
+            permit,
+            count_error=lambda code: metrics.stream_error(request.scope, code),
+            count_charged=lambda tokens: metrics.charged(entry.spec.name, audio=tokens),
         )
         return ClosingStreamingResponse(
             streamed.events(),
@@ -129,7 +132,8 @@ async def _transcribe(request: Request, heard: _Heard) -> Response:
             used = audio_tokens(progress.done_s)
             return Response(status_code=499)  # nobody reads it; the access log shows why
         finally:
-            await bill.settle(used)
+            charged = await bill.settle(used)
+            request.app.state.metrics.charged(entry.spec.name, audio=charged)
     return _render(transcript, req)
 
 

@@ -30,6 +30,7 @@ from node.config import ModelKind
 from node.engines.base import ChatResult, EngineDead
 from node.errors import EngineError, InvalidRequest, NodeError, sse_error_event
 from node.images import count_images, inline_images
+from node.metrics import Metrics
 from node.registry import ModelEntry, Registry
 from node.scheduler import Permit
 
@@ -58,6 +59,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         _check_roles(body.get("messages"))
     images = _count_images(body, entry) if chat else 0
     permit = await admit(entry)
+    metrics = request.app.state.metrics
     prompt_tokens = 0
 
     async def on_prompt(prompt: int, max_tokens: int) -> None:
@@ -74,7 +76,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     except ClientGone:
         # The reply was not generated to the end (vLLM aborted it): the prompt was processed.
         permit.release()
-        await bill.settle(prompt_tokens)
+        metrics.charged(entry.spec.name, prompt=await bill.settle(prompt_tokens))
         return Response(status_code=499)  # nobody reads it; the access log shows why
     except BaseException as exc:
         permit.release()
@@ -84,9 +86,9 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         raise
     if result.stream is None:
         permit.release()
-        await bill.settle(result.total_tokens)
+        if await bill.settle(result.total_tokens):
+            _count_charged(metrics, entry, result)
         return JSONResponse(result.body)
-    metrics = request.app.state.metrics
     stream = result.stream
     outcome = _Outcome()
 
@@ -98,7 +100,8 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         try:
             await stream.aclose()  # type: ignore[attr-defined]
         finally:  # settled even if vLLM's abort fails (its engine died under the stream)
-            await bill.settle(0 if outcome.failed else result.total_tokens)
+            if await bill.settle(0 if outcome.failed else result.total_tokens):
+                _count_charged(metrics, entry, result)
 
     return ClosingStreamingResponse(
         _relay(
@@ -113,6 +116,11 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
+
+
+def _count_charged(metrics: Metrics, entry: ModelEntry, result: ChatResult) -> None:
+    usage = result.usage
+    metrics.charged(entry.spec.name, prompt=usage.prompt, completion=usage.completion)
 
 
 def _check_choices(n: Any) -> None:

@@ -89,7 +89,8 @@ async def embeddings(request: Request) -> Response:
             used = sum(counts[i] for i in progress.taken())
             return Response(status_code=499)  # nobody reads it; the access log shows why
         finally:
-            await bill.settle(used)
+            charged = await bill.settle(used)
+            request.app.state.metrics.charged(entry.spec.name, input=charged)
     data = []
     for i, vector in enumerate(vectors):
         if req.encoding_format == "base64":

@@ -59,11 +59,17 @@ class StreamedTranscription:
     """
 
     def __init__(
-        self, job: TranscriptionJob, permit: Permit, count_error: Callable[[str], None]
+        self,
+        job: TranscriptionJob,
+        permit: Permit,
+        *,
+        count_error: Callable[[str], None],
+        count_charged: Callable[[int], None],
     ) -> None:
         self.job = job
         self.permit = permit
         self.count_error = count_error
+        self.count_charged = count_charged
         self.progress = TranscriptionProgress()
         self.work: asyncio.Future[Transcript] | None = None
         self.used: int | None = None  # None: ended early, billed by progress
@@ -107,7 +113,7 @@ class StreamedTranscription:
                 self.used = 0  # it failed (after the client left): nothing is charged
         self.permit.release()
         used = audio_tokens(self.progress.done_s) if self.used is None else self.used
-        await self.job.bill.settle(used)
+        self.count_charged(await self.job.bill.settle(used))
 
 
 def _hand_over(

@@ -33,10 +33,10 @@ class UsageMeter:
 
     def record(self, numbers: dict[str, Any], choice: int | None) -> None:
         """``choice`` None: the request's final usage (all choices)."""
+        self.prompt = int(numbers.get("prompt_tokens", self.prompt))
         if choice is None:
             self.final_total = int(numbers.get("total_tokens", 0))
             return
-        self.prompt = int(numbers.get("prompt_tokens", self.prompt))
         self.by_choice[choice] = int(numbers.get("completion_tokens", 0))
 
     @property
@@ -44,6 +44,10 @@ class UsageMeter:
         if self.final_total is not None:
             return self.final_total
         return self.prompt + sum(self.by_choice.values())
+
+    @property
+    def completion(self) -> int:
+        return max(0, self.total - self.prompt)
 
 
 @dataclass

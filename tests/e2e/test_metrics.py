@@ -1,11 +1,15 @@
-"""GET /metrics on the real node: request durations by route and status, model gauges."""
+"""GET /metrics on the real node: request durations by route and status, tokens charged,
+model gauges."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from tests.e2e.audio_files import speak
 from tests.e2e.node_process import NodeProcess
 
 pytestmark = pytest.mark.e2e
@@ -45,3 +49,42 @@ def test_models_report_state_and_slots(node: NodeProcess) -> None:
     assert samples[("staik_slots", (("model", "qwen3.5:9b"),))] >= 1
     assert samples[("staik_slots_in_use", (("model", "qwen3.5:9b"),))] == 0
     assert ("staik_model_restarts_total", (("model", "gemma4:31b"),)) in samples
+
+
+def test_tokens_charged_are_counted_by_model_and_type(
+    node: NodeProcess, client: openai.OpenAI, tmp_path: Path
+) -> None:
+    """What each request was charged shows per model: a chat reply and a stream as prompt
+    and completion tokens, embeddings as input tokens, a transcription as audio tokens."""
+
+    def charged(samples: dict, model: str, kind: str) -> float:
+        return samples.get(("staik_tokens_charged_total", (("model", model), ("type", kind))), 0)
+
+    before = node.metrics()
+    reply = client.chat.completions.create(
+        model="qwen3.5:9b", messages=[{"role": "user", "content": "Hej!"}], max_tokens=5
+    )
+    stream = client.chat.completions.create(
+        model="qwen3.5:9b",
+        messages=[{"role": "user", "content": "Hej igen!"}],
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    streamed = [c.usage for c in stream if c.usage is not None][-1]
+    vectors = client.embeddings.create(model="bge-m3:latest", input=["en", "två ord"])
+    wav = speak("Hello from Stockholm.", "en", tmp_path / "hello.wav")
+    with open(wav, "rb") as f:
+        heard = client.audio.transcriptions.with_raw_response.create(model="whisper-1", file=f)
+    after = node.metrics()
+
+    def grew(model: str, kind: str) -> float:
+        return charged(after, model, kind) - charged(before, model, kind)
+
+    assert reply.usage is not None
+    assert grew("qwen3.5:9b", "prompt") == reply.usage.prompt_tokens + streamed.prompt_tokens
+    assert grew("qwen3.5:9b", "completion") == (
+        reply.usage.completion_tokens + streamed.completion_tokens
+    )
+    assert grew("bge-m3:latest", "input") == vectors.usage.prompt_tokens
+    assert grew("kb-whisper-large", "audio") == int(heard.headers["X-Audio-Tokens-Charged"])
