@@ -14,7 +14,7 @@ import httpx
 from bench import procs
 from bench.config import MODELS, BenchConfig
 from bench.rows import Row, bars_of, compare_row, value_row
-from bench.stats import summary
+from bench.stats import median_run, summary
 
 LANGUAGE = "sv"
 # The short clip decodes at temperature 0 on the stand-in. The one before (about "transkriberings-
@@ -95,6 +95,7 @@ def run_transcription(
         "language": LANGUAGE,
         "clips": {k: str(v) for k, v in clips.items()},
         "reps": cfg.reps,
+        "short_samples": cfg.short_clip_samples,
         "batch_size": cfg.whisper_batch_size,
     }
     (workdir / "whisper-job.json").write_text(json.dumps(job))
@@ -115,8 +116,14 @@ def run_transcription(
         print(f"  transcription node ready in {n.ready_s:.0f} s", flush=True)
         transcribe_node(n.base_url, key, clips["short"], 120)  # warm-up, as in-process had
         for rep in range(cfg.reps):
+            samples = cfg.short_clip_samples
             run = {
-                name: transcribe_node(n.base_url, key, path, 60 + 6 * lengths[name])
+                name: median_run(
+                    [
+                        transcribe_node(n.base_url, key, path, 60 + 6 * lengths[name])
+                        for _ in range(samples if name == "short" else 1)
+                    ]
+                )
                 for name, path in clips.items()
             }
             node_runs.append(run)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.stats import percentile
+from bench.stats import median_run, percentile
 
 # The node's fallback temperatures for temperature 0 (node/engines/whisper.py), which are also
 # faster-whisper's defaults.
@@ -115,7 +115,12 @@ def whisper(spec: dict[str, Any]) -> dict[str, Any]:
     reps = []
     for rep in range(int(spec["reps"])):
         out = {
-            "short_sequential": timed(model.transcribe, spec["clips"]["short"], vad_filter=False),
+            "short_sequential": median_run(
+                [
+                    timed(model.transcribe, spec["clips"]["short"], vad_filter=False)
+                    for _ in range(int(spec["short_samples"]))
+                ]
+            ),
             "long_sequential": timed(model.transcribe, spec["clips"]["long"], vad_filter=False),
             # The batched pipeline needs VAD (or clip timestamps) for audio over 30 s.
             "long_batched": timed(

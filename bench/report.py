@@ -21,7 +21,8 @@ NOTES = {
     "time, in blocks of 32 interleaved with the node's (the machine's speed drifts by minutes).",
     "transcription": "Both sides get the WAV file (decoding included), language sv, the node's "
     "beam size, compute type and temperature fallback. Whisper pads every clip to 30 s windows, "
-    "so short clips have a low real-time factor on both sides.",
+    "so short clips have a low real-time factor on both sides. Each repetition's short-clip "
+    "figure is the median of several requests (short_clip_samples), one request being noisy.",
     "overload": "Closed-loop aiohttp clients; after a 429 a client waits as the node's retry-after-ms "
     "says (as openai-python does) unless --overload-retry-ms is given. Latencies are measured "
     "at the client, which shares the cores with the node, and by the node itself: the "

@@ -35,3 +35,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def summarize_runs(runs: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any]:
     """One summary per metric over a list of per-repetition dicts."""
     return {k: summary([r.get(k) for r in runs]) for k in keys}
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median wall time standing for all of them (one short run is noisy), with
+    every run's wall time beside it."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    return {**ordered[len(ordered) // 2], "samples_wall_s": [r["wall_s"] for r in ordered]}
