@@ -7,12 +7,13 @@ went out, the same body travels as a ``data:`` event followed by ``data: [DONE]`
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from starlette.responses import JSONResponse
+
+from node.sse import sse_data
 
 
 class NodeError(Exception):
@@ -182,4 +183,4 @@ def error_response(err: NodeError, headers: Mapping[str, str] | None = None) -> 
 
 def sse_error_event(err: NodeError) -> str:
     """The error as it travels inside a stream that already started, with the closing [DONE]."""
-    return f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n"
+    return sse_data(err.body()) + "data: [DONE]\n\n"

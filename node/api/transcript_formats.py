@@ -3,11 +3,11 @@ the server-sent events of a streamed one."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from typing import Any
 
 from node.engines.base import Transcript
+from node.sse import sse_data
 
 FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 
@@ -76,7 +76,7 @@ def _segments(t: Transcript) -> list[dict[str, Any]]:
 
 def delta_event(text: str) -> str:
     """One ``transcript.text.delta`` event: the text of the segment just decoded."""
-    return _sse({"type": "transcript.text.delta", "delta": text})
+    return sse_data({"type": "transcript.text.delta", "delta": text})
 
 
 def done_event(text: str, tokens: int) -> str:
@@ -89,8 +89,4 @@ def done_event(text: str, tokens: int) -> str:
         "output_tokens": 0,
         "total_tokens": tokens,
     }
-    return _sse({"type": "transcript.text.done", "text": text, "usage": usage})
-
-
-def _sse(event: dict[str, Any]) -> str:
-    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    return sse_data({"type": "transcript.text.done", "text": text, "usage": usage})

@@ -53,7 +53,6 @@ class _Job:
     order: list[int] = field(default_factory=list)  # its rows, longest text first
     sent: int = 0  # rows of ``order`` handed to a batch so far
     out: np.ndarray | None = None  # its vectors, filled piece by piece
-    filled: int = 0  # rows of ``out`` filled
 
     def left(self) -> int:
         return len(self.texts) - self.sent
@@ -250,8 +249,7 @@ class SentenceTransformerEngine:
                 n = len(piece.rows)
                 assert job.out is not None
                 job.out[piece.rows] = vectors[offset : offset + n]
-                job.filled += n
-                if job.filled == len(job.texts):  # its last piece
+                if job.sent == len(job.texts):  # its last piece (one piece per batch at most)
                     self._call_soon(_resolve, job.done, job.out, None)
             offset += n
 

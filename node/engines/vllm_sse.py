@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from node.engines.base import UsageMeter
+from node.sse import sse_data
 
 
 class UsageWish:
@@ -56,7 +57,7 @@ def track_usage(chunk: str, meter: UsageMeter, wants: UsageWish) -> str | None:
         return chunk
     obj = json.loads(chunk[6:])
     add_reasoning_content(obj.get("choices") or [], "delta")
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    return sse_data(obj)
 
 
 def _track_usage_parsed(chunk: str, meter: UsageMeter, wants: UsageWish) -> str | None:
@@ -70,7 +71,7 @@ def _track_usage_parsed(chunk: str, meter: UsageMeter, wants: UsageWish) -> str 
     if not wants.continuous:
         obj.pop("usage", None)
     add_reasoning_content(choices, "delta")
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    return sse_data(obj)
 
 
 def add_reasoning_content(choices: list[dict[str, Any]], part: str) -> None:
