@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,43 +94,96 @@ def run_transcription(
         "path": spec.path,
         "engine": spec.engine,
         "language": LANGUAGE,
-        "clips": {k: str(v) for k, v in clips.items()},
-        "reps": cfg.reps,
-        "short_samples": cfg.short_clip_samples,
+        "warmup_clip": str(clips["short"]),
         "batch_size": cfg.whisper_batch_size,
     }
     (workdir / "whisper-job.json").write_text(json.dumps(job))
-    out = workdir / "whisper-inproc.json"
-    argv = [procs.PYTHON, "-m", "bench.inproc", "whisper", str(workdir / "whisper-job.json")]
-    budget = 600 + 6 * cfg.reps * lengths["long"]  # generous: RTFx well below 1 still finishes
-    procs.run_bounded(argv + [str(out)], env, budget, log_path=logs / "whisper-inproc.log")
-    inproc = json.loads(out.read_text())["reps"]
-    for rep, r in enumerate(inproc):
-        shown = {k: round(v["rtfx"], 2) for k, v in r.items()}
-        print(f"  transcription in-process rep {rep}: RTFx {shown}", flush=True)
+    reference_argv = [procs.PYTHON, "-m", "bench.inproc", "whisper-server"]
+    reference_argv.append(str(workdir / "whisper-job.json"))
 
     node_runs: list[dict[str, Any]] = []
+    inproc: list[dict[str, Any]] = []
     node_env = {**env, "STAIK_DB_PATH": str(workdir / "whisper-node.sqlite3")}
     key = procs.create_key(node_env)
     with procs.node_server(MODELS / "transcription.yaml", node_env, logs / "whisper-node.log") as n:
         n.start("/health/ready", cfg.server_start_timeout_s)
         print(f"  transcription node ready in {n.ready_s:.0f} s", flush=True)
-        transcribe_node(n.base_url, key, clips["short"], 120)  # warm-up, as in-process had
-        for rep in range(cfg.reps):
-            samples = cfg.short_clip_samples
-            run = {
-                name: median_run(
-                    [
-                        transcribe_node(n.base_url, key, path, 60 + 6 * lengths[name])
-                        for _ in range(samples if name == "short" else 1)
-                    ]
-                )
-                for name, path in clips.items()
-            }
-            node_runs.append(run)
-            shown = {k: v["rtfx"] and round(v["rtfx"], 2) for k, v in run.items()}
-            print(f"  transcription node rep {rep}: RTFx {shown}", flush=True)
+        transcribe_node(n.base_url, key, clips["short"], 120)  # warm-up, as the reference's
+        # The reference starts once the node is up: its load would slow the node's start.
+        with procs.LineChild(reference_argv, env, logs / "whisper-inproc.log") as reference:
+            if reference.answer(600) != "ready":
+                raise RuntimeError("the in-process faster-whisper reference did not start")
+            sides = _Sides(n.base_url, key, clips, lengths, reference)
+            for rep in range(cfg.reps):
+                node_run, inproc_run = sides.repetition(rep, cfg.short_clip_samples)
+                node_runs.append(node_run)
+                inproc.append(inproc_run)
+                for side, run in (("node", node_run), ("in-process", inproc_run)):
+                    shown = {k: v["rtfx"] and round(v["rtfx"], 2) for k, v in run.items()}
+                    print(f"  transcription {side} rep {rep}: RTFx {shown}", flush=True)
     return _report(cfg, lengths, inproc, node_runs, n.ready_s)
+
+
+class _Sides:
+    """The node and the in-process reference (kept loaded), run alternately on the same clips:
+    the machine's speed drifts by minutes, so both sides sample the same moments of it."""
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        clips: dict[str, Path],
+        lengths: dict[str, float],
+        reference: procs.LineChild,
+    ) -> None:
+        self.url = url
+        self.key = key
+        self.clips = clips
+        self.lengths = lengths
+        self.reference = reference
+
+    def node(self, clip: str) -> dict[str, Any]:
+        return transcribe_node(self.url, self.key, self.clips[clip], self._timeout_s(clip))
+
+    def in_process(self, clip: str, pipeline: str) -> dict[str, Any]:
+        ask = {"clip": str(self.clips[clip]), "pipeline": pipeline}
+        answer: dict[str, Any] = self.reference.ask(ask, self._timeout_s(clip))
+        return answer
+
+    def _timeout_s(self, clip: str) -> float:
+        return 60 + 6 * self.lengths[clip]  # generous: RTFx well below 1 still finishes
+
+    def repetition(self, rep: int, short_samples: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The short clip ``short_samples`` times on each side, taking turns (who goes first
+        alternates, sample by sample and repetition by repetition), the median counting; then
+        the long clip once on each side, in-process both sequential and batched."""
+        short_node: list[dict[str, Any]] = []
+        short_ref: list[dict[str, Any]] = []
+        for i in range(short_samples):
+            _in_turn(
+                (rep + i) % 2 == 0,
+                lambda: short_node.append(self.node("short")),
+                lambda: short_ref.append(self.in_process("short", "sequential")),
+            )
+        long: dict[str, dict[str, Any]] = {}
+
+        def reference_long() -> None:
+            long["sequential"] = self.in_process("long", "sequential")
+            long["batched"] = self.in_process("long", "batched")
+
+        _in_turn(rep % 2 == 0, lambda: long.update(node=self.node("long")), reference_long)
+        node_run = {"short": median_run(short_node), "long": long["node"]}
+        inproc_run = {
+            "short_sequential": median_run(short_ref),
+            "long_sequential": long["sequential"],
+            "long_batched": long["batched"],
+        }
+        return node_run, inproc_run
+
+
+def _in_turn(node_first: bool, node: Callable[[], None], reference: Callable[[], None]) -> None:
+    for step in (node, reference) if node_first else (reference, node):
+        step()
 
 
 def _report(

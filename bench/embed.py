@@ -170,36 +170,41 @@ def run_embeddings(
         "path": spec.path,
         "max_seq_length": spec.context_window,
         "texts": texts,
-        "reps": cfg.reps,
         "batch_sizes": list(cfg.embed_batch_sizes),
         "single_samples": cfg.embed_single_samples,
     }
     (workdir / "embed-job.json").write_text(json.dumps(job))
-    out = workdir / "embed-inproc.json"
-    argv = [procs.PYTHON, "-m", "bench.inproc", "embeddings", str(workdir / "embed-job.json")]
-    procs.run_bounded(argv + [str(out)], env, 900, log_path=logs / "embed-inproc.log")
-    ceiling = json.loads(out.read_text())["reps"]
-    for rep, r in enumerate(ceiling):
-        print(
-            f"  embeddings in-process rep {rep}: {r['texts_s']:.0f} texts/s at batch "
-            f"{r['best_batch']}, single encode p50 {r['single_p50_ms']:.1f} ms",
-            flush=True,
-        )
+    reference_argv = [procs.PYTHON, "-m", "bench.inproc", "embeddings-server"]
+    reference_argv.append(str(workdir / "embed-job.json"))
 
+    ceiling: list[dict[str, Any]] = []
     node_runs: dict[int, list[dict[str, Any]]] = {c: [] for c in cfg.embed_concurrency}
     node_env = {**env, "STAIK_DB_PATH": str(workdir / "embed-node.sqlite3")}
     key = procs.create_key(node_env)
-    single_argv = [procs.PYTHON, "-m", "bench.inproc", "single-encoder"]
-    single_argv.append(str(workdir / "embed-job.json"))
     with procs.node_server(MODELS / "embeddings.yaml", node_env, logs / "embed-node.log") as node:
         node.start("/health/ready", cfg.server_start_timeout_s)
         print(f"  embeddings node ready in {node.ready_s:.0f} s", flush=True)
         # The reference starts once the node is up: its load would slow the node's start.
-        with procs.LineChild(single_argv, env, logs / "embed-single.log") as reference:
+        with procs.LineChild(reference_argv, env, logs / "embed-inproc.log") as reference:
             if reference.answer() != "ready":
-                raise RuntimeError("the single-encode reference did not start")
+                raise RuntimeError("the in-process embeddings reference did not start")
+
+            def measure_ceiling(rep: int) -> None:
+                ceiling.append(reference.ask("ceiling"))
+                r = ceiling[-1]
+                print(
+                    f"  embeddings in-process rep {rep}: {r['texts_s']:.0f} texts/s at batch "
+                    f"{r['best_batch']}, single encode p50 {r['single_p50_ms']:.1f} ms",
+                    flush=True,
+                )
+
+            top = max(cfg.embed_concurrency)
             for rep in range(cfg.reps):
                 for conc in cfg.embed_concurrency:
+                    # The ceiling next to the highest concurrency, the figure judged against it:
+                    # just before it on even repetitions, just after it on odd ones.
+                    if conc == top and rep % 2 == 0:
+                        measure_ceiling(rep)
                     if conc == 1:
                         run = asyncio.run(drive_paired(node.base_url, key, texts, reference))
                     else:
@@ -214,6 +219,8 @@ def run_embeddings(
                         + f", errors {run['errors']}",
                         flush=True,
                     )
+                    if conc == top and rep % 2 == 1:
+                        measure_ceiling(rep)
     return _report(cfg, ceiling, node_runs, node.ready_s)
 
 

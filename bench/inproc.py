@@ -1,10 +1,11 @@
-"""The in-process references, each run as its own bounded child process (no server running):
+"""The in-process references, each a child process that stays loaded beside the node and answers
+JSON lines (see each one), so that its measurements interleave with the node's on a machine
+whose speed drifts by some 10% over minutes:
 
-    python -m bench.inproc embeddings SPEC.json OUT.json
-    python -m bench.inproc whisper SPEC.json OUT.json
-    python -m bench.inproc single-encoder SPEC.json   (JSON lines in and out, see there)
+    python -m bench.inproc embeddings-server SPEC.json
+    python -m bench.inproc whisper-server SPEC.json
 
-SPEC.json says what to measure; OUT.json gets one entry per repetition.
+SPEC.json says what to load and how.
 """
 
 from __future__ import annotations
@@ -15,16 +16,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.stats import median_run, percentile
+from bench.stats import percentile
 
 # The node's fallback temperatures for temperature 0 (node/engines/whisper.py), which are also
 # faster-whisper's defaults.
 TEMPERATURES = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
 
-def embeddings(spec: dict[str, Any]) -> dict[str, Any]:
-    """The ceiling: SentenceTransformer.encode over all texts at each batch size (the best one
-    wins), and the latency of encoding one text alone."""
+def embeddings_server(spec: dict[str, Any]) -> None:
+    """Stays loaded: SentenceTransformer.encode, answering each JSON line with one JSON line;
+    "ready" first, after a warm-up. Two questions:
+
+    - a list of texts: each encoded alone, as the node's engine does with one text; the
+      latencies (ms);
+    - ``"ceiling"``: the ceiling, all of the spec's texts at each of its batch sizes (the best
+      one wins), then ``single_samples`` texts encoded alone (their p50/p99).
+    """
     from sentence_transformers import SentenceTransformer
 
     texts: list[str] = spec["texts"]
@@ -34,54 +41,43 @@ def embeddings(spec: dict[str, Any]) -> dict[str, Any]:
     def encode(items: list[str], batch_size: int) -> None:
         model.encode(items, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True)
 
-    encode(texts[:64], 64)  # warm-up
-    reps = []
-    for rep in range(int(spec["reps"])):
+    def singles(items: list[str]) -> list[float]:
+        latencies = []
+        for text in items:
+            t0 = time.perf_counter()
+            encode([text], 1)
+            latencies.append((time.perf_counter() - t0) * 1000)
+        return latencies
+
+    def ceiling() -> dict[str, Any]:
         by_batch: dict[str, float] = {}
         for bs in spec["batch_sizes"]:
             t0 = time.perf_counter()
             encode(texts, bs)
             by_batch[str(bs)] = len(texts) / (time.perf_counter() - t0)
-        single = []
-        for text in texts[: int(spec["single_samples"])]:
-            t0 = time.perf_counter()
-            encode([text], 1)
-            single.append((time.perf_counter() - t0) * 1000)
+        single = singles(texts[: int(spec["single_samples"])])
         best = max(by_batch, key=lambda k: by_batch[k])
-        reps.append(
-            {
-                "texts_s": by_batch[best],
-                "best_batch": int(best),
-                "by_batch": by_batch,
-                "single_p50_ms": percentile(single, 50),
-                "single_p99_ms": percentile(single, 99),
-            }
-        )
-        print(f"  in-process embeddings rep {rep}: {reps[-1]}", flush=True)
-    return {"reps": reps}
+        return {
+            "texts_s": by_batch[best],
+            "best_batch": int(best),
+            "by_batch": by_batch,
+            "single_p50_ms": percentile(single, 50),
+            "single_p99_ms": percentile(single, 99),
+        }
 
-
-def single_encoder(spec: dict[str, Any]) -> None:
-    """Stays loaded: for each JSON list of texts on stdin, encodes them one at a time as the
-    node's engine does and answers the latencies (ms) as one JSON line; "ready" first."""
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(spec["path"], device="cpu")
-    model.max_seq_length = int(spec["max_seq_length"])
-    model.encode(spec["texts"][:64], batch_size=64)  # warm-up
+    encode(texts[:64], 64)  # warm-up
     print(json.dumps("ready"), flush=True)
     for line in sys.stdin:
-        latencies = []
-        for text in json.loads(line):
-            t0 = time.perf_counter()
-            model.encode([text], batch_size=1, convert_to_numpy=True, normalize_embeddings=True)
-            latencies.append((time.perf_counter() - t0) * 1000)
-        print(json.dumps(latencies), flush=True)
+        ask = json.loads(line)
+        print(json.dumps(ceiling() if ask == "ceiling" else singles(ask)), flush=True)
 
 
-def whisper(spec: dict[str, Any]) -> dict[str, Any]:
-    """faster-whisper with the node's settings on each clip (file path in, so decoding counts
-    as it does in the node); the long clip also through BatchedInferencePipeline."""
+def whisper_server(spec: dict[str, Any]) -> None:
+    """Stays loaded: faster-whisper with the node's settings, answering each JSON line
+    ``{"clip": PATH, "pipeline": "sequential" | "batched"}`` with one timed run as a JSON line;
+    "ready" first, after a warm-up. Kept loaded so that its runs can alternate with the node's
+    on a machine whose speed drifts. A path goes in, so decoding counts as it does in the node;
+    the batched pipeline needs VAD (or clip timestamps) for audio over 30 s."""
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     eng = spec["engine"]
@@ -91,7 +87,13 @@ def whisper(spec: dict[str, Any]) -> dict[str, Any]:
         compute_type=eng.get("compute_type", "int8"),
         cpu_threads=int(eng.get("cpu_threads", 0)),
     )
-    batched = BatchedInferencePipeline(model)
+    pipelines: dict[str, tuple[Any, dict[str, Any]]] = {
+        "sequential": (model.transcribe, {"vad_filter": False}),  # as the node, under 120 s
+        "batched": (
+            BatchedInferencePipeline(model).transcribe,
+            {"vad_filter": True, "batch_size": int(spec["batch_size"])},
+        ),
+    }
     common: dict[str, Any] = dict(
         language=spec["language"],
         initial_prompt=None,
@@ -99,9 +101,10 @@ def whisper(spec: dict[str, Any]) -> dict[str, Any]:
         beam_size=int(eng.get("beam_size", 5)),
     )
 
-    def timed(fn: Any, path: str, **kwargs: Any) -> dict[str, Any]:
+    def timed(clip: str, pipeline: str) -> dict[str, Any]:
+        fn, kwargs = pipelines[pipeline]
         t0 = time.perf_counter()
-        segments, info = fn(path, **common, **kwargs)
+        segments, info = fn(clip, **common, **kwargs)
         text = "".join(s.text for s in segments).strip()  # the generator does the work
         wall = time.perf_counter() - t0
         return {
@@ -111,39 +114,17 @@ def whisper(spec: dict[str, Any]) -> dict[str, Any]:
             "text": text,
         }
 
-    timed(model.transcribe, spec["clips"]["short"], vad_filter=False)  # warm-up
-    reps = []
-    for rep in range(int(spec["reps"])):
-        out = {
-            "short_sequential": median_run(
-                [
-                    timed(model.transcribe, spec["clips"]["short"], vad_filter=False)
-                    for _ in range(int(spec["short_samples"]))
-                ]
-            ),
-            "long_sequential": timed(model.transcribe, spec["clips"]["long"], vad_filter=False),
-            # The batched pipeline needs VAD (or clip timestamps) for audio over 30 s.
-            "long_batched": timed(
-                batched.transcribe,
-                spec["clips"]["long"],
-                vad_filter=True,
-                batch_size=int(spec["batch_size"]),
-            ),
-        }
-        reps.append(out)
-        short = {k: round(v["rtfx"], 2) for k, v in out.items()}
-        print(f"  in-process whisper rep {rep}: RTFx {short}", flush=True)
-    return {"reps": reps}
+    timed(spec["warmup_clip"], "sequential")
+    print(json.dumps("ready"), flush=True)
+    for line in sys.stdin:
+        ask = json.loads(line)
+        print(json.dumps(timed(ask["clip"], ask["pipeline"])), flush=True)
 
 
 def main(argv: list[str]) -> int:
-    if argv[0] == "single-encoder":
-        single_encoder(json.loads(Path(argv[1]).read_text()))
-        return 0
-    kind, spec_path, out_path = argv
-    spec = json.loads(Path(spec_path).read_text())
-    result = {"embeddings": embeddings, "whisper": whisper}[kind](spec)
-    Path(out_path).write_text(json.dumps(result))
+    kind, spec_path = argv
+    servers = {"embeddings-server": embeddings_server, "whisper-server": whisper_server}
+    servers[kind](json.loads(Path(spec_path).read_text()))
     return 0
 
 

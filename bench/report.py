@@ -14,14 +14,21 @@ NOTES = {
     "chat": "Both servers get the same engine flags (the node's own translation of the models "
     "file); vllm bench serve streams chat completions with ignore_eos, so every request makes "
     "exactly the output length; each run starts a fresh `vllm bench serve` process, whose start "
-    "is not timed.",
-    "embeddings": "Clients are asyncio aiohttp in the bench process, on the same cores as the node; "
-    "the ceiling is measured in its own process with no server running. Added latency = node "
-    "p50 at c=1 minus the p50 of an in-process reference that encodes the same texts one at a "
-    "time, in blocks of 32 interleaved with the node's (the machine's speed drifts by minutes).",
+    "is not timed. Both servers are started afresh each repetition and are up together (an idle "
+    "one costs no CPU); they take turns at each concurrency, who goes first alternating, "
+    "because the machine's speed drifts by minutes.",
+    "embeddings": "Clients are asyncio aiohttp in the bench process, on the same cores as the node. "
+    "The in-process reference is a process of its own, loaded beside the node (idle while the "
+    "node works, and the node idle while it works), because the machine's speed drifts by "
+    "minutes: each repetition measures the ceiling right next to the node's highest "
+    "concurrency (before it on even repetitions, after it on odd ones). Added latency = node "
+    "p50 at c=1 minus the p50 of the reference encoding the same texts one at a time, in "
+    "blocks of 32 interleaved with the node's.",
     "transcription": "Both sides get the WAV file (decoding included), language sv, the node's "
     "beam size, compute type and temperature fallback. Whisper pads every clip to 30 s windows, "
-    "so short clips have a low real-time factor on both sides. Each repetition's short-clip "
+    "so short clips have a low real-time factor on both sides. The in-process reference stays "
+    "loaded beside the node and the two take turns, request by request (who goes first "
+    "alternates), because the machine's speed drifts by minutes. Each repetition's short-clip "
     "figure is the median of several requests (short_clip_samples), one request being noisy.",
     "overload": "Closed-loop aiohttp clients; after a 429 a client waits as the node's retry-after-ms "
     "says (as openai-python does) unless --overload-retry-ms is given. Latencies are measured "

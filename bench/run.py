@@ -1,5 +1,5 @@
-"""``scripts/bench [--smoke] [...]``: every comparison of issue 6, one server at a time, on
-loopback, each step bounded in time; results in bench/results/ (latest.json, latest.md, PNGs).
+"""``scripts/bench [--smoke] [...]``: every comparison of issue 6, on loopback,
+each step bounded in time; results in bench/results/ (latest.json, latest.md, PNGs).
 
 Exit status: 0 when every comparison ran (whatever the figures), 1 when one could not run.
 """
