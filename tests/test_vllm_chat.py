@@ -3,6 +3,7 @@ refusal of parameters vLLM would silently drop."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ import pytest
 from node.config import ModelKind, load_models
 from node.engines.base import UsageMeter
 from node.engines.vllm_chat import (
+    VllmChatEngine,
     _parse_args,
     engine_cli_args,
     error_from_vllm,
@@ -21,6 +23,14 @@ from node.engines.vllm_sse import UsageWish, track_usage
 from node.errors import InvalidRequest, invalid_from_validation
 
 ROOT = Path(__file__).resolve().parents[1]
+CHAT_YAML = """
+models:
+  - name: qwen3.5:9b
+    kind: chat
+    path: "{models_dir}/chat"
+    context_window: 2048
+    default_max_tokens: 256
+"""
 
 
 @pytest.mark.parametrize("file", ["models.yaml", "models.standin.yaml"])
@@ -164,3 +174,24 @@ def test_a_cut_stream_with_several_choices_counts_every_choice() -> None:
         }
         track_usage(_chunk(chunk), meter, wants)
     assert meter.total == 10 + 4 + 5  # the prompt once, each choice's own count
+
+
+def test_stopping_cancels_the_output_handler_before_the_engine_goes() -> None:
+    """Else the handler sees the engine process die during shutdown and logs an ERROR
+    traceback on an ordinary stop (AsyncLLM cancels it only after the process is gone)."""
+
+    async def scenario() -> None:
+        handler = asyncio.ensure_future(asyncio.sleep(3600))  # as AsyncLLM's output_handler
+        seen: list[bool] = []
+
+        def shutdown() -> None:
+            seen.append(handler.cancelling() > 0 or handler.cancelled())
+
+        engine = VllmChatEngine(load_models(CHAT_YAML, Path("/m"))[0])
+        engine._llm = SimpleNamespace(output_handler=handler, shutdown=shutdown)
+        await engine.stop()
+        assert seen == [True]
+        await asyncio.sleep(0)  # the cancellation lands
+        assert handler.cancelled()
+
+    asyncio.run(scenario())

@@ -304,6 +304,13 @@ class VllmChatEngine:
     async def stop(self) -> None:
         if self._llm is not None:
             llm, self._llm = self._llm, None
+            # AsyncLLM.shutdown cancels its output handler only once the engine process is
+            # gone; meanwhile the handler, still running on this loop, sees the engine die and
+            # logs an ERROR traceback on an ordinary stop. (`vllm serve` blocks its loop
+            # through shutdown; engines here stop in parallel, on threads.) So cancel it first.
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None:
+                handler.cancel()
             await asyncio.to_thread(llm.shutdown)
 
 
