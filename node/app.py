@@ -12,6 +12,7 @@ Models load in the background from the lifespan, so the server answers from its 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ from node.errors import (
     error_response,
 )
 from node.images import ImagePolicy
+from node.loop_lag import watch_loop_lag
 from node.metrics import Metrics, MetricsMiddleware
 from node.registry import EngineFactory, Registry
 
@@ -90,9 +92,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         registry.start()
+        lag_watch = asyncio.create_task(watch_loop_lag(meters.loop_lag.observe))
         try:
             yield
         finally:
+            lag_watch.cancel()
             drain.draining = True
             await registry.stop()
             await flush_settles()

@@ -1,6 +1,6 @@
 """Prometheus metrics at GET /metrics (open, like /health): how long requests take, by route
-and status, streams that failed midway, tokens charged by model, and how each model stands
-(state, slots in use, restarts), read when scraped.
+and status, streams that failed midway, tokens charged by model, the event loop's lag, and
+how each model stands (state, slots in use, restarts), read when scraped.
 
 The duration runs from the request's arrival in the app to its last byte handed to the
 server: for a 429 or a non-streaming answer that is the node's whole share of the latency.
@@ -31,6 +31,7 @@ DURATION_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
+LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class _ModelCollector(Collector):
@@ -83,6 +84,13 @@ class Metrics:
             "Tokens charged to keys, by model and type: prompt and completion (chat), input "
             "(embeddings), audio (transcriptions, 100 per second)",
             ["model", "type"],
+            registry=self.registry,
+        )
+        self.loop_lag = Histogram(
+            "staik_event_loop_lag_seconds",
+            "How late the event loop woke a task due every 0.1 s: latency added to every "
+            "request at that moment (work blocking the loop, or the process short of CPU)",
+            buckets=LAG_BUCKETS,
             registry=self.registry,
         )
         self.registry.register(_ModelCollector(models))

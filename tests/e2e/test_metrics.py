@@ -1,8 +1,9 @@
 """GET /metrics on the real node: request durations by route and status, tokens charged,
-model gauges."""
+model gauges, the event loop's lag."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -88,3 +89,14 @@ def test_tokens_charged_are_counted_by_model_and_type(
     )
     assert grew("bge-m3:latest", "input") == vectors.usage.prompt_tokens
     assert grew("kb-whisper-large", "audio") == int(heard.headers["X-Audio-Tokens-Charged"])
+
+
+def test_the_event_loops_lag_is_watched_all_along(node: NodeProcess) -> None:
+    """A wake-up every 0.1 s, each one's lateness in the histogram."""
+    count = ("staik_event_loop_lag_seconds_count", ())
+    before = node.metrics()[count]
+    time.sleep(0.5)
+    after = node.metrics()
+    assert after[count] - before >= 3
+    assert after[("staik_event_loop_lag_seconds_sum", ())] >= 0
+    assert after[("staik_event_loop_lag_seconds_bucket", (("le", "+Inf"),))] == after[count]
