@@ -1,6 +1,7 @@
 """The node's own account of its latency: its Prometheus request histogram, scraped before and
 after a run, gives the quantiles of that run's requests of one route and status as the node
-timed them (arrival in the app to last byte), without the client's or the kernel's share."""
+timed them (arrival in the app to last byte), without the client's or the kernel's share; its
+event-loop lag histogram, scraped the same way, shows how long work waited for the loop."""
 
 from __future__ import annotations
 
@@ -10,18 +11,23 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 HISTOGRAM = "staik_request_duration_seconds"
+LOOP_LAG = "staik_event_loop_lag_seconds"  # how late the node's event loop wakes, every 0.1 s
 Buckets = dict[float, float]  # upper bound (s) -> cumulative count
 
 
 def scrape(base_url: str, route: str, status: int) -> Buckets:
+    """The request histogram's buckets for one route and status."""
+    return scrape_histogram(base_url, HISTOGRAM, {"route": route, "status": str(status)})
+
+
+def scrape_histogram(base_url: str, name: str, labels: dict[str, str] | None = None) -> Buckets:
+    """The buckets of the node's histogram ``name`` (the series with ``labels``)."""
     text = httpx.get(base_url + "/metrics", timeout=10).text
-    wanted = {"route": route, "status": str(status)}
+    wanted = labels or {}
     out: Buckets = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == HISTOGRAM + "_bucket" and all(
-                s.labels.get(k) == v for k, v in wanted.items()
-            ):
+            if s.name == name + "_bucket" and all(s.labels.get(k) == v for k, v in wanted.items()):
                 out[float(s.labels["le"])] = s.value
     return out
 

@@ -20,7 +20,7 @@ from typing import Any
 from bench import procs
 from bench.clients import session
 from bench.config import MODELS, BenchConfig
-from bench.node_metrics import quantile_ms, scrape
+from bench.node_metrics import LOOP_LAG, quantile_ms, scrape, scrape_histogram
 from bench.rows import Row, bars_of, compare_row, value_row
 from bench.stats import percentile, summary
 
@@ -122,6 +122,7 @@ def run_overload(
         for rep in range(cfg.reps):
             for name, clients in loads.items():
                 before = scrape(n.base_url, ROUTE, 429)
+                lag_before = scrape_histogram(n.base_url, LOOP_LAG)
                 run = asyncio.run(
                     drive(
                         *args,
@@ -134,6 +135,9 @@ def run_overload(
                 after = scrape(n.base_url, ROUTE, 429)
                 run["node_refused_p50_ms"] = quantile_ms(0.5, before, after)
                 run["node_refused_p99_ms"] = quantile_ms(0.99, before, after)
+                lag_after = scrape_histogram(n.base_url, LOOP_LAG)
+                run["loop_lag_p50_ms"] = quantile_ms(0.5, lag_before, lag_after)
+                run["loop_lag_p99_ms"] = quantile_ms(0.99, lag_before, lag_after)
                 runs[name].append(run)
                 p99s = [
                     f"{where} {v:.2f} ms"
@@ -200,6 +204,14 @@ def _report(
             "ms",
             ("node's own histogram", of("overload", "node_refused_p99_ms")),
             ("< 5 ms", lambda v: v < 5.0),
+        ),
+        value_row(
+            "event_loop_lag_p50_ms", at, "ms",
+            ("node's loop, with 10x excess", of("overload", "loop_lag_p50_ms")), None,
+        ),
+        value_row(
+            "event_loop_lag_p99_ms", at, "ms",
+            ("node's loop, with 10x excess", of("overload", "loop_lag_p99_ms")), None,
         ),
         value_row("refused_per_s", at, "429/s", ("node", of("overload", "refused_per_s")), None),
         value_row(

@@ -34,7 +34,9 @@ NOTES = {
     "says (as openai-python does) unless --overload-retry-ms is given. Latencies are measured "
     "at the client, which shares the cores with the node, and by the node itself: the "
     "quantiles of its /metrics histogram (arrival in the app to last byte; interpolated within "
-    "buckets of 0.5, 1, 2, 5, 10 ms) over the run's 429 answers.",
+    "buckets of 0.5, 1, 2, 5, 10 ms) over the run's 429 answers. The event-loop lag is how late "
+    "the node's loop woke a task due every 0.1 s during the overload runs: a request waiting "
+    "that long before the app sees it is in the client's figure, not in the node's.",
 }
 TITLES = {
     "chat": "Chat: the node against `vllm serve` (driven by `vllm bench serve`)",
