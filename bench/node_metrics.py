@@ -15,21 +15,25 @@ LOOP_LAG = "staik_event_loop_lag_seconds"  # how late the node's event loop wake
 Buckets = dict[float, float]  # upper bound (s) -> cumulative count
 
 
-def scrape(base_url: str, route: str, status: int) -> Buckets:
-    """The request histogram's buckets for one route and status."""
-    return scrape_histogram(base_url, HISTOGRAM, {"route": route, "status": str(status)})
+def scrape(base_url: str) -> str:
+    """The node's /metrics page, read once for every histogram taken from it."""
+    return httpx.get(base_url + "/metrics", timeout=10).text
 
 
-def scrape_histogram(base_url: str, name: str, labels: dict[str, str] | None = None) -> Buckets:
-    """The buckets of the node's histogram ``name`` (the series with ``labels``)."""
-    text = httpx.get(base_url + "/metrics", timeout=10).text
+def buckets(page: str, name: str, labels: dict[str, str] | None = None) -> Buckets:
+    """The buckets of histogram ``name`` on a scraped page (the series with ``labels``)."""
     wanted = labels or {}
     out: Buckets = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(page):
         for s in family.samples:
             if s.name == name + "_bucket" and all(s.labels.get(k) == v for k, v in wanted.items()):
                 out[float(s.labels["le"])] = s.value
     return out
+
+
+def request_buckets(page: str, route: str, status: int) -> Buckets:
+    """The request histogram's buckets for one route and status."""
+    return buckets(page, HISTOGRAM, {"route": route, "status": str(status)})
 
 
 def quantile_ms(q: float, before: Buckets, after: Buckets) -> float | None:

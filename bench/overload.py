@@ -20,7 +20,7 @@ from typing import Any
 from bench import procs
 from bench.clients import session
 from bench.config import MODELS, BenchConfig
-from bench.node_metrics import LOOP_LAG, quantile_ms, scrape, scrape_histogram
+from bench.node_metrics import LOOP_LAG, buckets, quantile_ms, request_buckets, scrape
 from bench.rows import Row, bars_of, compare_row, value_row
 from bench.stats import percentile, summary
 
@@ -121,8 +121,7 @@ def run_overload(
         asyncio.run(drive(*args, slots, 1.0, cfg.overload_max_tokens, None))  # warm-up
         for rep in range(cfg.reps):
             for name, clients in loads.items():
-                before = scrape(n.base_url, ROUTE, 429)
-                lag_before = scrape_histogram(n.base_url, LOOP_LAG)
+                before = scrape(n.base_url)
                 run = asyncio.run(
                     drive(
                         *args,
@@ -132,12 +131,12 @@ def run_overload(
                         cfg.overload_retry_ms,
                     )
                 )
-                after = scrape(n.base_url, ROUTE, 429)
-                run["node_refused_p50_ms"] = quantile_ms(0.5, before, after)
-                run["node_refused_p99_ms"] = quantile_ms(0.99, before, after)
-                lag_after = scrape_histogram(n.base_url, LOOP_LAG)
-                run["loop_lag_p50_ms"] = quantile_ms(0.5, lag_before, lag_after)
-                run["loop_lag_p99_ms"] = quantile_ms(0.99, lag_before, lag_after)
+                after = scrape(n.base_url)
+                refused = request_buckets(before, ROUTE, 429), request_buckets(after, ROUTE, 429)
+                lag = buckets(before, LOOP_LAG), buckets(after, LOOP_LAG)
+                for key, (was, now) in (("node_refused", refused), ("loop_lag", lag)):
+                    run[f"{key}_p50_ms"] = quantile_ms(0.5, was, now)
+                    run[f"{key}_p99_ms"] = quantile_ms(0.99, was, now)
                 runs[name].append(run)
                 p99s = [
                     f"{where} {v:.2f} ms"

@@ -95,7 +95,7 @@ def test_the_event_loops_lag_is_watched_all_along(node: NodeProcess) -> None:
     """A wake-up every 0.1 s, each one's lateness in the histogram."""
     count = ("staik_event_loop_lag_seconds_count", ())
     before = node.metrics()[count]
-    time.sleep(0.5)
+    time.sleep(1.0)  # 10 wake-ups due; a busy machine may delay a few
     after = node.metrics()
     assert after[count] - before >= 3
     assert after[("staik_event_loop_lag_seconds_sum", ())] >= 0
