@@ -13,6 +13,7 @@ import pytest
 
 from node.config import ModelKind
 from node.engines.base import EmbeddingProgress, EngineDead
+from node.engines.embed_passes import split_into_passes
 from node.engines.st_embed import SentenceTransformerEngine
 from tests.standins import standin_spec
 
@@ -28,6 +29,13 @@ TEXTS = [
     "Tåget till Malmö är försenat.",
     "x",
 ]
+
+
+def _embed(
+    engine: SentenceTransformerEngine, texts: list[str], progress: EmbeddingProgress | None = None
+) -> asyncio.Future[np.ndarray]:
+    """What the route does: count the texts' tokens, then queue them."""
+    return engine.embed(texts, engine.count_tokens(texts), progress)
 
 
 def _with_engine(body: Callable[[SentenceTransformerEngine], Awaitable[None]]) -> None:
@@ -47,32 +55,32 @@ def test_vectors_match_sentence_transformers_encode() -> None:
         expected = engine._model.encode(
             TEXTS, batch_size=engine.batch_size, normalize_embeddings=True, convert_to_numpy=True
         )
-        got = await engine.embed(TEXTS)
+        got = await _embed(engine, TEXTS)
         assert got.shape == expected.shape == (len(TEXTS), engine.dimensions)
         assert np.allclose(got, expected, atol=1e-5)
-        alone = await engine.embed([TEXTS[4]])  # alone: padded to nothing but itself
+        alone = await _embed(engine, [TEXTS[4]])  # alone: padded to nothing but itself
         assert np.allclose(alone[0], expected[4], atol=1e-5)
 
     _with_engine(body)
 
 
 class _Gate:
-    """Wraps the engine's ``_vectors``: records each batch and holds the first one until
+    """Wraps the engine's ``_passes``: records each batch and holds the first one until
     ``release``, so a test can queue more work behind it deterministically."""
 
     def __init__(self, engine: SentenceTransformerEngine) -> None:
         self.batches: list[list[str]] = []
         self.started = threading.Event()
         self.released = threading.Event()
-        self._vectors = engine._vectors
-        engine._vectors = self  # type: ignore[method-assign]
+        self._passes = engine._passes
+        engine._passes = self  # type: ignore[method-assign]
 
-    def __call__(self, texts: list[str]) -> Any:
+    def __call__(self, texts: list[str], lengths: list[int]) -> Any:
         self.batches.append(list(texts))
         if len(self.batches) == 1:
             self.started.set()
             self.released.wait(30)
-        return self._vectors(texts)
+        return self._passes(texts, lengths)
 
     async def wait_started(self) -> None:
         assert await asyncio.to_thread(self.started.wait, 30)
@@ -81,16 +89,16 @@ class _Gate:
 def test_waiting_requests_share_a_batch_and_cancelled_ones_are_left_out() -> None:
     async def body(engine: SentenceTransformerEngine) -> None:
         gate = _Gate(engine)
-        first = engine.embed([TEXTS[4]])
+        first = _embed(engine, [TEXTS[4]])
         await gate.wait_started()
-        waiting = [engine.embed([t]) for t in TEXTS[:3]]
-        gone = engine.embed(["this request went away"])
+        waiting = [_embed(engine, [t]) for t in TEXTS[:3]]
+        gone = _embed(engine, ["this request went away"])
         gone.cancel()
         gate.released.set()
         results = await asyncio.gather(first, *waiting)
         assert gate.batches[:2] == [[TEXTS[4]], TEXTS[:3]]  # the three waited, then went as one
         for text, result in zip([TEXTS[4], *TEXTS[:3]], results, strict=True):
-            assert np.allclose(result, await engine.embed([text]), atol=1e-5)
+            assert np.allclose(result, await _embed(engine, [text]), atol=1e-5)
 
     _with_engine(body)
 
@@ -100,9 +108,9 @@ def test_stop_fails_waiting_requests_and_refuses_new_ones() -> None:
         engine = SentenceTransformerEngine(standin_spec(ModelKind.EMBEDDING))
         await engine.start()
         gate = _Gate(engine)
-        running = engine.embed([TEXTS[4]])
+        running = _embed(engine, [TEXTS[4]])
         await gate.wait_started()
-        queued = engine.embed(["queued behind the running batch"])
+        queued = _embed(engine, ["queued behind the running batch"])
         stopping = asyncio.ensure_future(engine.stop())
         await asyncio.sleep(0.05)  # stop() has queued its sentinel behind the job
         gate.released.set()
@@ -111,7 +119,7 @@ def test_stop_fails_waiting_requests_and_refuses_new_ones() -> None:
         with pytest.raises(EngineDead):
             await queued
         with pytest.raises(EngineDead):
-            await engine.embed(["after stop"])
+            await _embed(engine, ["after stop"])
         assert gate.batches == [[TEXTS[4]]] and not engine.dead
 
     asyncio.run(main())
@@ -127,9 +135,9 @@ def test_a_big_request_goes_in_pieces_and_a_small_one_gets_its_turn_in_between()
         assert engine.max_batch == 64
         texts = _many_texts(200)
         gate = _Gate(engine)
-        big = engine.embed(texts)
+        big = _embed(engine, texts)
         await gate.wait_started()
-        small = engine.embed(["Tåget till Malmö är försenat."])
+        small = _embed(engine, ["Tåget till Malmö är försenat."])
         finished: list[str] = []
         big.add_done_callback(lambda _: finished.append("big"))
         small.add_done_callback(lambda _: finished.append("small"))
@@ -140,8 +148,11 @@ def test_a_big_request_goes_in_pieces_and_a_small_one_gets_its_turn_in_between()
         assert [len(b) for b in gate.batches] == [64, 64, 64, 9]
         assert "Tåget till Malmö är försenat." in gate.batches[2]
         assert finished == ["small", "big"]
-        # Longest texts first, as encode() would order them; put back in the request's order.
-        assert gate.batches[0] == sorted(texts, key=len, reverse=True)[:64]
+        # Longest texts first (in tokens), as encode() would order them; put back in the
+        # request's order.
+        counts = engine.count_tokens(texts)
+        longest = sorted(range(len(texts)), key=lambda i: -counts[i])[:64]
+        assert sorted(gate.batches[0]) == sorted(texts[i] for i in longest)
         expected = engine._model.encode(
             texts, batch_size=engine.batch_size, normalize_embeddings=True, convert_to_numpy=True
         )
@@ -155,14 +166,64 @@ def test_a_cancelled_big_request_stops_after_the_piece_in_flight() -> None:
         texts = _many_texts(300)
         gate = _Gate(engine)
         progress = EmbeddingProgress()
-        big = engine.embed(texts, progress)
+        big = _embed(engine, texts, progress)
         await gate.wait_started()
         big.cancel()  # what the route does when the client disconnects
         taken = progress.taken()  # what the route bills: the piece in flight
         gate.released.set()
-        await engine.embed(["after"])
+        await _embed(engine, ["after"])
         assert [len(b) for b in gate.batches] == [64, 1]  # none of its other 236 texts
         assert sorted(texts[i] for i in taken) == sorted(gate.batches[0])
         assert progress.taken() == taken
+
+    _with_engine(body)
+
+
+def test_passes_are_cut_by_length_at_a_cost_measured_on_load() -> None:
+    async def body(engine: SentenceTransformerEngine) -> None:
+        # Measured when the model loaded: a pass costs something fixed, and padding costs too.
+        assert 0 < engine._overhead_tokens < 1e6
+        sizes: list[int] = []
+        one_pass = engine._pass
+
+        def recording(texts: list[str]) -> Any:
+            sizes.append(len(texts))
+            return one_pass(texts)
+
+        engine._pass = recording  # type: ignore[method-assign]
+        texts = _many_texts(40)
+        counts = engine.count_tokens(texts)
+        await engine.embed(texts, counts)
+        longest_first = sorted(counts, reverse=True)
+        runs = split_into_passes(longest_first, engine._overhead_tokens, engine.batch_size)
+        assert sizes == [end - start for start, end in runs]
+        assert len(sizes) > 1  # TEXTS run from 1 to 100 tokens: some are cut apart
+
+    _with_engine(body)
+
+
+def test_a_request_gets_its_vectors_while_the_rest_of_its_batch_encodes() -> None:
+    async def body(engine: SentenceTransformerEngine) -> None:
+        engine._overhead_tokens = 0.0  # every length its own pass: the long text goes first
+        gate = _Gate(engine)
+        held = _embed(engine, ["holds the first batch"])
+        await gate.wait_started()
+        long_done = threading.Event()
+        long = _embed(engine, [TEXTS[4]])
+        long.add_done_callback(lambda _: long_done.set())
+        short = _embed(engine, ["Hej."])
+        seen: list[bool] = []
+        one_pass = engine._pass
+
+        def watching(texts: list[str]) -> Any:
+            if texts == ["Hej."]:  # the short text's pass waits until the long one is answered
+                seen.append(long_done.wait(30))
+            return one_pass(texts)
+
+        engine._pass = watching  # type: ignore[method-assign]
+        gate.released.set()
+        await asyncio.gather(held, long, short)
+        assert gate.batches[1] == [TEXTS[4], "Hej."]  # one batch, two passes
+        assert seen == [True]
 
     _with_engine(body)

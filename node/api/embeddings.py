@@ -79,9 +79,11 @@ async def embeddings(request: Request) -> Response:
         progress = EmbeddingProgress() if len(texts) > 1 else None
         try:
             if progress is None:
-                vectors = await engine.embed(texts)
+                vectors = await engine.embed(texts, counts)
             else:
-                vectors = await cancel_if_client_leaves(request, engine.embed(texts, progress))
+                vectors = await cancel_if_client_leaves(
+                    request, engine.embed(texts, counts, progress)
+                )
             used = tokens
         except ClientGone:
             # The engine drops the pieces not yet started; the inputs it took are billed.

@@ -136,7 +136,7 @@ class ChatEngine(Engine, Protocol):
 class EmbeddingEngine(Engine, Protocol):
     def count_tokens(self, texts: list[str]) -> list[int]: ...
     def embed(
-        self, texts: list[str], progress: EmbeddingProgress | None = None
+        self, texts: list[str], lengths: list[int], progress: EmbeddingProgress | None = None
     ) -> Awaitable[np.ndarray]: ...
 
 

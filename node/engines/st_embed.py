@@ -1,9 +1,10 @@
 """Embeddings through sentence-transformers, with concurrent requests batched together.
 
-Requests queue their texts; the engine's own thread takes what waits, up to ``max_batch``
-texts, encodes it in one go (``_vectors``: what ``SentenceTransformer.encode`` computes) and
-hands each request its rows back on the event loop. Batching is what lets many small
-concurrent requests approach the in-process ceiling.
+Requests queue their texts with their token counts; the engine's own thread takes what waits,
+up to ``max_batch`` texts, encodes it (``_passes``: what ``SentenceTransformer.encode``
+computes) and hands each request its rows back on the event loop as soon as they are encoded,
+while the rest of the batch goes on. Batching is what lets many small concurrent requests
+approach the in-process ceiling.
 
 A request bigger than what is left of a batch goes in pieces, longest texts first, and waits
 its turn again after each piece (round robin): small requests that arrive meanwhile are not
@@ -15,11 +16,11 @@ reaches it without waiting for an event-loop turn, and only the results cross ba
 per request). One long-lived thread also means one OpenMP thread team, which torch keeps per
 calling thread; the model is loaded on it too.
 
-Like ``encode``, ``_vectors`` sorts the texts by length and runs them ``batch_size`` at a time,
-each sub-batch padded to its longest text. Gathering many texts but encoding them in small
-sub-batches (``batch_size``, 16 by default) keeps the padding small: on the CPU stand-in, 64
-mixed-length texts encode at about 150 texts/s in sub-batches of 16 against 95 in one batch,
-and 32 of them at about 145 in sub-batches of 8 against 133 at 16 (the stand-in's files use 8).
+Like ``encode``, ``_passes`` sorts the texts by length and pads each forward pass to its
+longest text; unlike ``encode``, which runs fixed sub-batches of ``batch_size``, it cuts the
+sorted texts where a new pass costs less than the padding it saves (``embed_passes``), with
+``batch_size`` texts at most in a pass. What a pass costs is measured when the model loads
+(``engine.forward_overhead_tokens`` in models.yaml sets it instead).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +42,7 @@ import numpy as np
 
 from node.config import ModelSpec
 from node.engines.base import EmbeddingProgress, EngineDead
+from node.engines.embed_passes import PassCost, split_into_passes
 from node.errors import ContextLengthExceeded
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Job:
     texts: list[str]
+    lengths: list[int]  # token counts, as count_tokens gives them
     done: asyncio.Future[np.ndarray]
     progress: EmbeddingProgress | None = None
     # Only for a job that goes in pieces (the encoder thread's own bookkeeping):
@@ -67,6 +72,11 @@ class _Piece:
     def texts(self) -> list[str]:
         texts = self.job.texts
         return texts if self.rows is None else [texts[i] for i in self.rows]
+
+    @property
+    def lengths(self) -> list[int]:
+        lengths = self.job.lengths
+        return lengths if self.rows is None else [lengths[i] for i in self.rows]
 
 
 _STOP = None  # put on the queue by stop(): the encoder thread ends
@@ -90,7 +100,8 @@ class SentenceTransformerEngine:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.max_batch = max(1, int(spec.engine.get("max_batch", 64)))
-        self.batch_size = max(1, int(spec.engine.get("batch_size", 16)))
+        self.batch_size = max(1, int(spec.engine.get("batch_size", 32)))
+        self._overhead_tokens = 0.0  # a forward pass's fixed cost in padded tokens (see _load)
         self._model: Any = None
         self._dimensions = 0
         self._counter: Any = None  # a tokenizer of its own for count_tokens (see start)
@@ -132,16 +143,17 @@ class SentenceTransformerEngine:
         return counts
 
     def embed(
-        self, texts: list[str], progress: EmbeddingProgress | None = None
+        self, texts: list[str], lengths: list[int], progress: EmbeddingProgress | None = None
     ) -> asyncio.Future[np.ndarray]:
-        """One unit-length vector per text, batched with whatever else is waiting.
+        """One unit-length vector per text, batched with whatever else is waiting; ``lengths``
+        are the texts' token counts from ``count_tokens``.
 
         The texts are queued before this returns, so the encode can start while the caller
         does other work before awaiting. Cancelling the future drops texts whose batch has
         not started yet; ``progress`` then tells which were encoded all the same.
         """
         assert self._loop is not None, "embed() before start()"
-        job = _Job(texts, self._loop.create_future(), progress)
+        job = _Job(texts, lengths, self._loop.create_future(), progress)
         if self._stopping or self.dead:
             job.done.set_exception(_stopped(self.spec.name))
         else:
@@ -160,6 +172,7 @@ class SentenceTransformerEngine:
     def _serve(self, loaded: asyncio.Future[None]) -> None:
         try:
             self._model = self._load()
+            self._overhead_tokens = self._pass_overhead_tokens()
         except BaseException as exc:
             self._call_soon(_resolve, loaded, None, exc)
             return
@@ -180,9 +193,41 @@ class SentenceTransformerEngine:
         model = SentenceTransformer(self.spec.path, device=device)
         if self.spec.context_window:
             model.max_seq_length = self.spec.context_window
-        model.eval()  # as encode() sets it on each call; _vectors relies on it
+        model.eval()  # as encode() sets it on each call; _pass relies on it
         self._dimensions = int(model.get_embedding_dimension())
         return model
+
+    def _pass_overhead_tokens(self) -> float:
+        """A forward pass's fixed cost in padded tokens: from models.yaml if set there, else
+        measured on this machine."""
+        configured = self.spec.engine.get("forward_overhead_tokens")
+        if configured is not None:
+            return max(0.0, float(configured))
+        cost = self._measure_pass_cost()
+        log.info(
+            "%s: a forward pass takes %.1f ms + %.4f ms per padded token; passes are cut where "
+            "padding would cost more than %.0f tokens",
+            self.spec.name, cost.fixed_s * 1e3, cost.per_token_s * 1e3, cost.overhead_tokens,
+        )  # fmt: skip
+        return cost.overhead_tokens
+
+    def _measure_pass_cost(self) -> PassCost:
+        """Times a pass of one short text and one of a few longer texts (best of 3 each, after a
+        warm-up): the line through them is what a pass costs on this machine."""
+
+        def timed(texts: list[str]) -> tuple[int, float]:
+            padded = int(self._model.preprocess(texts)["attention_mask"].numel())
+            self._pass(texts)
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                self._pass(texts)
+                best = min(best, time.perf_counter() - t0)
+            return padded, best
+
+        small = timed([" ".join(["hej"] * 14)])
+        large = timed([" ".join(["hej"] * 62)] * min(8, self.batch_size))
+        return PassCost.from_two_passes(small, large)
 
     def _next_batch(self, pending: deque[_Job]) -> list[_Piece] | None:
         """About ``max_batch`` texts from the jobs in turn, waiting for one if there is none;
@@ -213,7 +258,7 @@ class SentenceTransformerEngine:
                     room -= len(job.texts)
                 continue
             if job.sent == 0:  # the first piece of many: longest first, as encode would
-                job.order = sorted(range(len(job.texts)), key=lambda i: -len(job.texts[i]))
+                job.order = sorted(range(len(job.texts)), key=lambda i: -job.lengths[i])
                 job.out = np.empty((len(job.texts), self.dimensions), dtype=np.float32)
             rows = job.order[job.sent : job.sent + min(job.left(), room)]
             if not _take(job, rows):
@@ -226,51 +271,70 @@ class SentenceTransformerEngine:
         return pieces
 
     def _encode(self, pieces: list[_Piece], pending: deque[_Job]) -> None:
+        """Encodes the batch pass by pass and hands each piece its vectors as soon as its last
+        text is encoded: the event loop answers those requests, and reads the next ones, while
+        the rest of the batch encodes, rather than all at once after it with the encoder idle."""
         texts = [t for piece in pieces for t in piece.texts]
+        lengths = [n for piece in pieces for n in piece.lengths]
+        owner = [k for k, piece in enumerate(pieces) for _ in piece.texts]
+        first = list(itertools.accumulate((len(piece.texts) for piece in pieces), initial=0))
+        left = [len(piece.texts) for piece in pieces]  # texts of each piece not yet encoded
+        vectors = np.empty((len(texts), self.dimensions), dtype=np.float32)
         try:
-            vectors = self._vectors(texts)
-        except Exception as exc:  # one bad batch fails its requests, not the engine
+            for rows, encoded in self._passes(texts, lengths):
+                vectors[rows] = encoded
+                for i in rows:
+                    k = owner[i]
+                    left[k] -= 1
+                    if not left[k]:
+                        self._deliver(pieces[k], vectors[first[k] : first[k + 1]])
+        except Exception as exc:  # one bad pass fails the requests it leaves, not the engine
             log.exception("embedding batch failed")
-            failed = {id(piece.job) for piece in pieces}
-            for piece in pieces:
-                self._call_soon(_resolve, piece.job.done, None, exc)
+            failed = {id(piece.job) for piece, n in zip(pieces, left, strict=True) if n}
+            for piece, n in zip(pieces, left, strict=True):
+                if n:
+                    self._call_soon(_resolve, piece.job.done, None, exc)
             for _ in range(len(pending)):  # their next pieces are not encoded
                 job = pending.popleft()
                 if id(job) not in failed:
                     pending.append(job)
-            return
-        offset = 0
-        for piece in pieces:
-            job = piece.job
-            if piece.rows is None:
-                n = len(job.texts)
-                self._call_soon(_resolve, job.done, vectors[offset : offset + n], None)
-            else:
-                n = len(piece.rows)
-                assert job.out is not None
-                job.out[piece.rows] = vectors[offset : offset + n]
-                if job.sent == len(job.texts):  # its last piece (one piece per batch at most)
-                    self._call_soon(_resolve, job.done, job.out, None)
-            offset += n
 
-    def _vectors(self, texts: list[str]) -> np.ndarray:
-        """What ``encode(texts, batch_size, normalize_embeddings=True)`` returns, computed as
-        encode's own loop does (longest texts first, ``batch_size`` at a time, the model's
-        ``preprocess`` and forward), without the checks and set-up it repeats on every call:
-        on the CPU stand-in those cost about 1 ms per call, 10% of encoding one short text."""
+    def _deliver(self, piece: _Piece, vectors: np.ndarray) -> None:
+        job = piece.job
+        if piece.rows is None:
+            self._call_soon(_resolve, job.done, vectors, None)
+            return
+        assert job.out is not None
+        job.out[piece.rows] = vectors
+        if job.sent == len(job.texts):  # its last piece (one piece per batch at most)
+            self._call_soon(_resolve, job.done, job.out, None)
+
+    def _passes(
+        self, texts: list[str], lengths: list[int]
+    ) -> Iterator[tuple[list[int], np.ndarray]]:
+        """What ``encode(texts, normalize_embeddings=True)`` computes, as (rows, vectors) pass
+        by pass. Like encode's own loop: longest texts first, the model's ``preprocess`` and
+        forward; unlike it: passes cut by length (``split_into_passes``), and none of the checks
+        and set-up encode repeats on every call (about 1 ms on the CPU stand-in, 10% of
+        encoding a short text)."""
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        runs = split_into_passes(
+            [lengths[i] for i in order], self._overhead_tokens, self.batch_size
+        )
+        for start, end in runs:
+            rows = order[start:end]
+            yield rows, self._pass([texts[i] for i in rows])
+
+    def _pass(self, texts: list[str]) -> np.ndarray:
+        """One forward pass: the texts' unit-length vectors."""
         import torch
         from sentence_transformers.util import batch_to_device
 
         model = self._model
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = np.empty((len(texts), self.dimensions), dtype=np.float32)
         with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                rows = order[start : start + self.batch_size]
-                features = batch_to_device(model.preprocess([texts[i] for i in rows]), model.device)
-                embedded = model(features)["sentence_embedding"]
-                out[rows] = torch.nn.functional.normalize(embedded, p=2, dim=1).cpu().numpy()
-        return out
+            features = batch_to_device(model.preprocess(texts), model.device)
+            embedded = model(features)["sentence_embedding"]
+            return torch.nn.functional.normalize(embedded, p=2, dim=1).cpu().numpy()
 
     def _fail_queued(self) -> None:
         jobs: list[_Job] = []
