@@ -14,7 +14,7 @@ import pytest
 from node.config import ModelKind
 from node.engines.base import EmbeddingProgress, EngineDead
 from node.engines.embed_passes import split_into_passes
-from node.engines.st_embed import SentenceTransformerEngine
+from node.engines.st_embed import DEFAULT_OVERHEAD_TOKENS, SentenceTransformerEngine
 from tests.standins import standin_spec
 
 TEXTS = [
@@ -225,5 +225,49 @@ def test_a_request_gets_its_vectors_while_the_rest_of_its_batch_encodes() -> Non
         await asyncio.gather(held, long, short)
         assert gate.batches[1] == [TEXTS[4], "Hej."]  # one batch, two passes
         assert seen == [True]
+
+    _with_engine(body)
+
+
+def test_a_failing_pass_fails_the_requests_it_leaves_and_the_engine_goes_on() -> None:
+    async def body(engine: SentenceTransformerEngine) -> None:
+        engine._overhead_tokens = 0.0  # the long text's pass, then the short one's
+        gate = _Gate(engine)
+        held = _embed(engine, ["holds the first batch"])
+        await gate.wait_started()
+        long = _embed(engine, [TEXTS[4]])
+        short = _embed(engine, ["Hej."])
+        one_pass = engine._pass
+
+        def failing(texts: list[str]) -> Any:
+            if texts == ["Hej."]:
+                raise RuntimeError("out of memory")
+            return one_pass(texts)
+
+        engine._pass = failing  # type: ignore[method-assign]
+        gate.released.set()
+        await held
+        assert (await long).shape == (1, 384)  # answered before the failing pass
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await short
+        engine._pass = one_pass  # type: ignore[method-assign]
+        assert (await _embed(engine, ["Hej."])).shape == (1, 384)
+
+    _with_engine(body)
+
+
+def test_a_pass_cost_that_cannot_be_measured_leaves_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: SentenceTransformerEngine) -> Any:
+        raise KeyError("attention_mask")
+
+    monkeypatch.setattr(SentenceTransformerEngine, "_measure_pass_cost", broken)
+
+    async def body(engine: SentenceTransformerEngine) -> None:
+        assert engine._overhead_tokens == DEFAULT_OVERHEAD_TOKENS
+        assert (await _embed(engine, TEXTS[:3])).shape == (3, 384)
+        with pytest.raises(ValueError, match="token counts"):
+            engine.embed(TEXTS[:3], [4, 5])
 
     _with_engine(body)

@@ -80,6 +80,8 @@ class _Piece:
 
 
 _STOP = None  # put on the queue by stop(): the encoder thread ends
+# A forward pass's fixed cost in padded tokens when it cannot be measured: the CPU stand-in's.
+DEFAULT_OVERHEAD_TOKENS = 32.0
 
 
 def _plain_counter(tokenizer: Any) -> Any:
@@ -153,6 +155,8 @@ class SentenceTransformerEngine:
         not started yet; ``progress`` then tells which were encoded all the same.
         """
         assert self._loop is not None, "embed() before start()"
+        if len(lengths) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(lengths)} token counts")
         job = _Job(texts, lengths, self._loop.create_future(), progress)
         if self._stopping or self.dead:
             job.done.set_exception(_stopped(self.spec.name))
@@ -203,7 +207,20 @@ class SentenceTransformerEngine:
         configured = self.spec.engine.get("forward_overhead_tokens")
         if configured is not None:
             return max(0.0, float(configured))
-        cost = self._measure_pass_cost()
+        try:
+            cost = self._measure_pass_cost()
+        except Exception:  # a tuning hint only: never a reason to fail the model
+            log.warning(
+                "%s: could not time a forward pass; passes are cut where padding would cost "
+                "more than %.0f tokens", self.spec.name, DEFAULT_OVERHEAD_TOKENS, exc_info=True,
+            )  # fmt: skip
+            return DEFAULT_OVERHEAD_TOKENS
+        if cost.fixed_s <= 0:  # the small pass was slowed (the machine busy): not a measurement
+            log.warning(
+                "%s: timing a forward pass gave no fixed cost (%s); passes are cut where padding "
+                "would cost more than %.0f tokens", self.spec.name, cost, DEFAULT_OVERHEAD_TOKENS,
+            )  # fmt: skip
+            return DEFAULT_OVERHEAD_TOKENS
         log.info(
             "%s: a forward pass takes %.1f ms + %.4f ms per padded token; passes are cut where "
             "padding would cost more than %.0f tokens",
@@ -279,6 +296,7 @@ class SentenceTransformerEngine:
         owner = [k for k, piece in enumerate(pieces) for _ in piece.texts]
         first = list(itertools.accumulate((len(piece.texts) for piece in pieces), initial=0))
         left = [len(piece.texts) for piece in pieces]  # texts of each piece not yet encoded
+        delivered = [False] * len(pieces)
         vectors = np.empty((len(texts), self.dimensions), dtype=np.float32)
         try:
             for rows, encoded in self._passes(texts, lengths):
@@ -288,16 +306,21 @@ class SentenceTransformerEngine:
                     left[k] -= 1
                     if not left[k]:
                         self._deliver(pieces[k], vectors[first[k] : first[k + 1]])
-        except Exception as exc:  # one bad pass fails the requests it leaves, not the engine
+                        delivered[k] = True
+        except BaseException as exc:  # one bad pass fails the requests it leaves, not the engine
             log.exception("embedding batch failed")
-            failed = {id(piece.job) for piece, n in zip(pieces, left, strict=True) if n}
-            for piece, n in zip(pieces, left, strict=True):
-                if n:
+            failed = {
+                id(piece.job) for piece, done in zip(pieces, delivered, strict=True) if not done
+            }
+            for piece, done in zip(pieces, delivered, strict=True):
+                if not done:
                     self._call_soon(_resolve, piece.job.done, None, exc)
             for _ in range(len(pending)):  # their next pieces are not encoded
                 job = pending.popleft()
                 if id(job) not in failed:
                     pending.append(job)
+            if not isinstance(exc, Exception):
+                raise
 
     def _deliver(self, piece: _Piece, vectors: np.ndarray) -> None:
         job = piece.job
