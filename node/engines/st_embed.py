@@ -103,7 +103,7 @@ class SentenceTransformerEngine:
         self.spec = spec
         self.max_batch = max(1, int(spec.engine.get("max_batch", 64)))
         self.batch_size = max(1, int(spec.engine.get("batch_size", 32)))
-        self._overhead_tokens = 0.0  # a forward pass's fixed cost in padded tokens (see _load)
+        self._overhead_tokens = 0.0  # a forward pass's fixed cost in padded tokens (see _serve)
         self._model: Any = None
         self._dimensions = 0
         self._counter: Any = None  # a tokenizer of its own for count_tokens (see start)
@@ -309,12 +309,10 @@ class SentenceTransformerEngine:
                         delivered[k] = True
         except BaseException as exc:  # one bad pass fails the requests it leaves, not the engine
             log.exception("embedding batch failed")
-            failed = {
-                id(piece.job) for piece, done in zip(pieces, delivered, strict=True) if not done
-            }
-            for piece, done in zip(pieces, delivered, strict=True):
-                if not done:
-                    self._call_soon(_resolve, piece.job.done, None, exc)
+            left_out = [p for p, done in zip(pieces, delivered, strict=True) if not done]
+            for piece in left_out:
+                self._call_soon(_resolve, piece.job.done, None, exc)
+            failed = {id(piece.job) for piece in left_out}
             for _ in range(len(pending)):  # their next pieces are not encoded
                 job = pending.popleft()
                 if id(job) not in failed:
