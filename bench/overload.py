@@ -5,6 +5,11 @@ the next. A client answered 429 waits what the node's ``retry-after-ms`` says (a
 does; ``--overload-retry-ms`` overrides it with a fixed pause) and tries again. Measured: the
 latency of the 429 answers, and the output tokens/s of the admitted requests, against the same
 loop with only S clients (no excess).
+
+The floor: the same client process drives the node with S clients (its engine as busy as in
+the overload run) and, with the other 9 x S, ``bench.refuser``, a bare app that answers 429 at
+once and tells the same mean retry-after as the node did. Its 429 latency at the client is what
+any Python server gets on these cores under that load; the node's is compared with it.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ async def drive(
     tokens = 0
     admitted: list[float] = []
     refused: list[float] = []
+    told_s: list[float] = []
     codes: Counter[str] = Counter()
     async with session(url, key, clients) as c:
         start = time.perf_counter()
@@ -67,7 +73,8 @@ async def drive(
                     await asyncio.sleep(0.05)
                     continue
                 refused.append(ms)
-                pause = _retry_s(r.headers) if retry_ms is None else retry_ms / 1000
+                told_s.append(_retry_s(r.headers))
+                pause = told_s[-1] if retry_ms is None else retry_ms / 1000
                 await asyncio.sleep(max(0.0, min(pause, deadline - time.perf_counter())))
 
         await asyncio.gather(*(client() for _ in range(clients)))
@@ -82,8 +89,27 @@ async def drive(
         "refused_per_s": len(refused) / wall,
         "refused_p50_ms": percentile(refused, 50),
         "refused_p99_ms": percentile(refused, 99),
+        "told_retry_ms": 1000 * sum(told_s) / len(told_s) if told_s else None,
         "errors": dict(codes),
     }
+
+
+async def drive_floor(
+    node_url: str,
+    refuser_url: str,
+    key: str,
+    slots: int,
+    refused_clients: int,
+    duration_s: float,
+    max_tokens: int,
+    retry_ms: int | None,
+) -> dict[str, Any]:
+    """S clients on the node and the excess on the refuser, together in this process."""
+    node, floor = await asyncio.gather(
+        drive(node_url, key, slots, duration_s, max_tokens, retry_ms),
+        drive(refuser_url, key, refused_clients, duration_s, max_tokens, retry_ms),
+    )
+    return {**floor, "admitted_tok_s": node["admitted_tok_s"], "admitted": node["admitted"]}
 
 
 def _error_code(raw: bytes) -> str:
@@ -112,7 +138,7 @@ def run_overload(
     slots = spec.slots
     node_env = {**env, "STAIK_DB_PATH": str(workdir / "overload-node.sqlite3")}
     key = procs.create_key(node_env)
-    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "overload": []}
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "overload": [], "floor": []}
     loads = {"baseline": slots, "overload": cfg.overload_factor * slots}
     with procs.node_server(MODELS / "overload.yaml", node_env, logs / "overload-node.log") as n:
         n.start("/health/ready", cfg.server_start_timeout_s)
@@ -134,9 +160,9 @@ def run_overload(
                 after = scrape(n.base_url)
                 refused = request_buckets(before, ROUTE, 429), request_buckets(after, ROUTE, 429)
                 lag = buckets(before, LOOP_LAG), buckets(after, LOOP_LAG)
-                for key, (was, now) in (("node_refused", refused), ("loop_lag", lag)):
-                    run[f"{key}_p50_ms"] = quantile_ms(0.5, was, now)
-                    run[f"{key}_p99_ms"] = quantile_ms(0.99, was, now)
+                for field, (was, now) in (("node_refused", refused), ("loop_lag", lag)):
+                    run[f"{field}_p50_ms"] = quantile_ms(0.5, was, now)
+                    run[f"{field}_p99_ms"] = quantile_ms(0.99, was, now)
                 runs[name].append(run)
                 p99s = [
                     f"{where} {v:.2f} ms"
@@ -153,6 +179,30 @@ def run_overload(
                     + f", errors {run['errors']}",
                     flush=True,
                 )
+            told = runs["overload"][-1]["told_retry_ms"] or 350.0
+            refuser_log = logs / "overload-refuser.log"
+            with procs.refuser_server(env, refuser_log, told) as bare:
+                bare.start("/health/ready", cfg.server_start_timeout_s)
+                floor = asyncio.run(
+                    drive_floor(
+                        n.base_url,
+                        bare.base_url,
+                        key,
+                        slots,
+                        loads["overload"] - slots,
+                        cfg.overload_duration_s,
+                        cfg.overload_max_tokens,
+                        cfg.overload_retry_ms,
+                    )
+                )
+            runs["floor"].append(floor)
+            print(
+                f"  overload floor    {loads['overload'] - slots:3d} clients on a bare refuser "
+                f"(told {told:.0f} ms) rep {rep}: {floor['refused']} x 429, p99 at the client "
+                f"{floor['refused_p99_ms'] or float('nan'):.2f} ms; node beside it "
+                f"{floor['admitted_tok_s']:.1f} tok/s",
+                flush=True,
+            )
     return _report(cfg, slots, loads, runs, n.ready_s)
 
 
@@ -176,12 +226,12 @@ def _report(
             ("without excess", of("baseline", "admitted_tok_s")),
             ("excess/no excess >= 0.95", lambda r: r >= 0.95),
         ),
-        value_row(
+        compare_row(
             "latency_429_p50_ms",
             at,
             "ms",
             ("node, at the client", of("overload", "refused_p50_ms")),
-            None,
+            ("bare refuser, at the client", of("floor", "refused_p50_ms")),
         ),
         value_row(
             "latency_429_p99_ms",
@@ -189,6 +239,13 @@ def _report(
             "ms",
             ("node, at the client", of("overload", "refused_p99_ms")),
             ("< 5 ms", lambda v: v < 5.0),
+        ),
+        compare_row(
+            "latency_429_p99_ms_vs_floor",
+            at,
+            "ms",
+            ("node, at the client", of("overload", "refused_p99_ms")),
+            ("bare refuser, at the client", of("floor", "refused_p99_ms")),
         ),
         value_row(
             "latency_429_p50_ms_in_node",
@@ -212,7 +269,11 @@ def _report(
             "event_loop_lag_p99_ms", at, "ms",
             ("node's loop, with 10x excess", of("overload", "loop_lag_p99_ms")), None,
         ),
-        value_row("refused_per_s", at, "429/s", ("node", of("overload", "refused_per_s")), None),
+        compare_row(
+            "refused_per_s", at, "429/s",
+            ("node", of("overload", "refused_per_s")),
+            ("bare refuser", of("floor", "refused_per_s")),
+        ),
         value_row(
             "429_in_baseline", f"{loads['baseline']} clients", "requests",
             ("node", of("baseline", "refused")), None,
@@ -225,6 +286,8 @@ def _report(
             "clients": loads,
             "duration_s": cfg.overload_duration_s,
             "max_tokens": cfg.overload_max_tokens,
+            "floor": "bench.refuser (bare Starlette app on uvicorn, 429 at once) with "
+            f"{loads['overload'] - slots} clients while {slots} drive the node",
             "retry": "node's retry-after-ms"
             if cfg.overload_retry_ms is None
             else f"fixed {cfg.overload_retry_ms} ms",
@@ -249,10 +312,14 @@ def _report(
                 f"Overload: latency of the 429 answers, {loads['overload']} clients",
                 "ms",
                 {
-                    "429 answers": [
+                    "node": [
                         of("overload", "refused_p50_ms"),
                         of("overload", "refused_p99_ms"),
-                    ]
+                    ],
+                    "bare refuser (floor)": [
+                        of("floor", "refused_p50_ms"),
+                        of("floor", "refused_p99_ms"),
+                    ],
                 },
                 ["p50", "p99"],
             ),

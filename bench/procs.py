@@ -210,6 +210,13 @@ def node_server(models_file: Path, env: dict[str, str], log_path: Path) -> Serve
     return Server("node", argv, env, log_path)
 
 
+def refuser_server(env: dict[str, str], log_path: Path, retry_ms: float) -> Server:
+    """``bench.refuser``: a bare app answering 429 at once, served by uvicorn like the node."""
+    argv = [PYTHON, "-m", "uvicorn", "bench.refuser:app", "--no-access-log"]
+    argv += ["--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning"]
+    return Server("refuser", argv, {**env, "REFUSER_RETRY_MS": f"{retry_ms:.0f}"}, log_path)
+
+
 def create_key(env: dict[str, str], timeout_s: float = 120) -> str:
     """A key with a quota no bench can reach, in the node's store (STAIK_DB_PATH of ``env``)."""
     argv = [PYTHON, "-m", "node.cli", "keys", "create", "--plan", "custom"]

@@ -36,7 +36,12 @@ NOTES = {
     "quantiles of its /metrics histogram (arrival in the app to last byte; interpolated within "
     "buckets of 0.5, 1, 2, 5, 10 ms) over the run's 429 answers. The event-loop lag is how late "
     "the node's loop woke a task due every 0.1 s during the overload runs: a request waiting "
-    "that long before the app sees it is in the client's figure, not in the node's.",
+    "that long before the app sees it is in the client's figure, not in the node's. The floor "
+    "(each repetition, after the overload run): the same client process drives the node with "
+    "S clients, so its engine works as in the overload run, and with the other 9 x S a bare "
+    "Starlette app on uvicorn (bench/refuser.py) that answers 429 at once, telling the mean "
+    "retry-after the node told; its 429 latency at the client is what any Python server gets "
+    "on these cores under that load.",
 }
 TITLES = {
     "chat": "Chat: the node against `vllm serve` (driven by `vllm bench serve`)",
