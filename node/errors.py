@@ -145,11 +145,38 @@ class EngineError(NodeError):
 
 
 def invalid_from_validation(exc: Any) -> InvalidRequest:
-    """The first problem pydantic found, as a 400 naming the field."""
-    first = exc.errors()[0]
-    loc = param_path(first.get("loc", ()))
-    msg = first.get("msg", "invalid value")
+    """The most telling problem pydantic found, as a 400 naming the field."""
+    problem = _telling(exc.errors())
+    loc = param_path(problem.get("loc", ()))
+    msg = problem.get("msg", "invalid value")
     return InvalidRequest(f"Invalid field '{loc}': {msg}" if loc else msg, param=loc or None)
+
+
+def _telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first error, unless it only says the value is not of the union's first member's
+    type while another member names the real problem in the same field: ``stop`` with five
+    strings is "too long" as a list, not "should be a valid string"."""
+    first = errors[0]
+    if not _wrong_member(first):
+        return first
+    field = param_path(first.get("loc", ()))
+    for other in errors[1:]:
+        path = param_path(other.get("loc", ()))
+        same = path == field or path.startswith((f"{field}[", f"{field}."))
+        if same and not _wrong_member(other):
+            return other
+    return first
+
+
+def _wrong_member(error: dict[str, Any]) -> bool:
+    """A type error at the root of a union member: the value is of another member's type."""
+    loc = error.get("loc", ())
+    last = loc[-1] if loc else None
+    return (
+        str(error.get("type", "")).endswith("_type")
+        and isinstance(last, str)
+        and (last in _TYPE_TAGS or not _is_field_name(last))
+    )
 
 
 def param_path(loc: Iterable[str | int]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from node.errors import invalid_from_validation, param_path
 
@@ -46,3 +46,22 @@ def test_dict_keys_and_plain_fields() -> None:
     assert _error({})[0] == "messages"
     assert param_path(("body", "model")) == "model"
     assert param_path(("timestamp_granularities", 0)) == "timestamp_granularities[0]"
+
+
+class _Stop(BaseModel):
+    stop: str | list[str] = Field(default_factory=list, max_length=4)
+
+
+def test_a_union_names_the_member_the_value_was_meant_for() -> None:
+    """A list that breaks the list member's rule is not reported as "not a string"."""
+    with pytest.raises(ValidationError) as info:
+        _Stop.model_validate({"stop": ["a"] * 5})
+    err = invalid_from_validation(info.value)
+    assert err.param == "stop" and "at most 4" in err.message
+    with pytest.raises(ValidationError) as info:
+        _Stop.model_validate({"stop": [1]})
+    err = invalid_from_validation(info.value)
+    assert err.param == "stop[0]" and "valid string" in err.message
+    with pytest.raises(ValidationError) as info:
+        _Stop.model_validate({"stop": 3})
+    assert invalid_from_validation(info.value).param == "stop"
