@@ -10,8 +10,8 @@ from typing import Any
 
 from bench import procs
 from bench.config import MODELS, BenchConfig
-from bench.rows import Row, Series, compare_row, series_of
-from bench.stats import summarize_runs
+from bench.rows import Row, Series, compare_row, series_of, value_row
+from bench.stats import ratio, summarize_runs, summary
 
 METRICS = {  # our name -> key in vllm bench serve's result file
     "output_tok_s": "output_throughput",
@@ -150,6 +150,21 @@ def run_chat(cfg: BenchConfig, env: dict[str, str], workdir: Path, logs: Path) -
                 targets.get(metric),
             )
             rows.append(row)
+    for conc in cfg.chat_concurrency:
+        # The same repetition's two runs sat minutes apart at most: their ratio leaves out the
+        # machine's drift between repetitions, which the ratio of medians above keeps.
+        runs = by_side["node"]["runs"][conc], by_side["vllm_serve"]["runs"][conc]
+        pairs = zip(*runs, strict=True)
+        paired = [ratio(n.get("output_tok_s"), v.get("output_tok_s")) for n, v in pairs]
+        rows.append(
+            value_row(
+                "output_tok_s_paired_ratio",
+                f"c={conc}",
+                "node/vllm serve",
+                ("node/vllm serve, run by run within a repetition", summary(paired)),
+                None,
+            )
+        )
     for metric, ylabel, name in (
         ("output_tok_s", "output tokens/s", "chat_throughput.png"),
         ("ttft_p50_ms", "TTFT p50 (ms)", "chat_ttft.png"),
