@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench import procs
+from bench import procs, refuser
 from bench.clients import session
 from bench.config import MODELS, BenchConfig
 from bench.node_metrics import LOOP_LAG, buckets, quantile_ms, request_buckets, scrape
@@ -179,7 +179,7 @@ def run_overload(
                     + f", errors {run['errors']}",
                     flush=True,
                 )
-            told = runs["overload"][-1]["told_retry_ms"] or 350.0
+            told = runs["overload"][-1]["told_retry_ms"]  # None: the refuser's own default
             refuser_log = logs / "overload-refuser.log"
             with procs.refuser_server(env, refuser_log, told) as bare:
                 bare.start("/health/ready", cfg.server_start_timeout_s)
@@ -198,7 +198,7 @@ def run_overload(
             runs["floor"].append(floor)
             print(
                 f"  overload floor    {loads['overload'] - slots:3d} clients on a bare refuser "
-                f"(told {told:.0f} ms) rep {rep}: {floor['refused']} x 429, p99 at the client "
+                f"(told {told or refuser.RETRY_MS:.0f} ms) rep {rep}: {floor['refused']} x 429, p99 at the client "
                 f"{floor['refused_p99_ms'] or float('nan'):.2f} ms; node beside it "
                 f"{floor['admitted_tok_s']:.1f} tok/s",
                 flush=True,

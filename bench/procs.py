@@ -210,11 +210,13 @@ def node_server(models_file: Path, env: dict[str, str], log_path: Path) -> Serve
     return Server("node", argv, env, log_path)
 
 
-def refuser_server(env: dict[str, str], log_path: Path, retry_ms: float) -> Server:
-    """``bench.refuser``: a bare app answering 429 at once, served by uvicorn like the node."""
+def refuser_server(env: dict[str, str], log_path: Path, retry_ms: float | None) -> Server:
+    """``bench.refuser``: a bare app answering 429 at once, served by uvicorn like the node;
+    ``retry_ms`` None keeps its own default."""
     argv = [PYTHON, "-m", "uvicorn", "bench.refuser:app", "--no-access-log"]
     argv += ["--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning"]
-    return Server("refuser", argv, {**env, "REFUSER_RETRY_MS": f"{retry_ms:.0f}"}, log_path)
+    told = {} if retry_ms is None else {"REFUSER_RETRY_MS": f"{retry_ms:.0f}"}
+    return Server("refuser", argv, {**env, **told}, log_path)
 
 
 def create_key(env: dict[str, str], timeout_s: float = 120) -> str:
