@@ -47,20 +47,16 @@ def test_sigterm_drains_streams_then_exits_without_children(node: NodeProcess) -
         t.start()
     started.wait()
     node.proc.send_signal(15)
-    refused = None
-    for _ in range(10):  # a connection attempt can fail transiently in this sandbox: retry
-        time.sleep(0.2)
-        try:
-            refused = httpx.post(
-                node.base_url + "/v1/chat/completions",
-                headers=auth,
-                timeout=10,
-                json={"model": "qwen3.5:9b", "messages": []},
-            )
-            break
-        except httpx.ConnectError:
-            continue
-    assert refused is not None, "the draining node refused every connection"
+    signalled_at = time.monotonic()
+    refused, failures = _first_answer(node, auth)
+    if refused is None:  # say what happened instead of only that nothing answered
+        for t in threads:
+            t.join(30)
+        raise AssertionError(
+            f"the draining node answered no request in {time.monotonic() - signalled_at:.1f} s "
+            f"after SIGTERM: {failures}; node exit code {node.proc.poll()}; stream endings "
+            f"{endings}\nnode log:\n{node.tail()}"
+        )
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "shutting_down"
     for t in threads:
@@ -70,3 +66,23 @@ def test_sigterm_drains_streams_then_exits_without_children(node: NodeProcess) -
     time.sleep(1)
     alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert alive == []
+
+
+def _first_answer(node: NodeProcess, auth: dict[str, str]) -> tuple[httpx.Response | None, list]:
+    """The draining node's answer to a new request, tried while the node lives: a connection
+    attempt can fail transiently in this sandbox. Also the failures seen on the way."""
+    failures: list[str] = []
+    started = time.monotonic()
+    while time.monotonic() < started + 10 and node.proc is not None and node.proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            answer = httpx.post(
+                node.base_url + "/v1/chat/completions",
+                headers=auth,
+                timeout=10,
+                json={"model": "qwen3.5:9b", "messages": []},
+            )
+            return answer, failures
+        except httpx.ConnectError as e:
+            failures.append(f"+{time.monotonic() - started:.2f} s: {e!r}")
+    return None, failures
