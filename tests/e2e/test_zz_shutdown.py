@@ -68,7 +68,9 @@ def test_sigterm_drains_streams_then_exits_without_children(node: NodeProcess) -
     assert alive == []
 
 
-def _first_answer(node: NodeProcess, auth: dict[str, str]) -> tuple[httpx.Response | None, list]:
+def _first_answer(
+    node: NodeProcess, auth: dict[str, str]
+) -> tuple[httpx.Response | None, list[str]]:
     """The draining node's answer to a new request, tried while the node lives: a connection
     attempt can fail transiently in this sandbox. Also the failures seen on the way."""
     failures: list[str] = []
