@@ -46,6 +46,19 @@ def test_every_chat_model_parses_with_vllms_own_argument_parser(file: str) -> No
         }
 
 
+@pytest.mark.parametrize(("avx512", "dtype"), [(True, "bfloat16"), (False, "float32")])
+def test_a_cpu_without_avx512_gets_float32_unless_the_spec_says(
+    monkeypatch: pytest.MonkeyPatch, avx512: bool, dtype: str
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
+    (spec,) = load_models(CHAT_YAML, Path("/m"))
+    assert _parse_args(engine_cli_args(spec)).dtype == dtype
+    spec.engine["dtype"] = "float16"
+    assert _parse_args(engine_cli_args(spec)).dtype == "float16"
+
+
 def test_production_chat_models_have_tool_parsers() -> None:
     specs = load_models((ROOT / "models.yaml").read_text(), Path("/m"))
     for spec in specs:

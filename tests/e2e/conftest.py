@@ -24,6 +24,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         # The operator allow-list: lets the vision test serve an image from loopback.
         "STAIK_IMAGE_ALLOWED_HOSTS": "localhost",
         "STAIK_MAX_JSON_BYTES": str(8 * 1024 * 1024),  # small, so the cap test sends little
+        # The shutdown test's streams must finish inside the drain deadline even where the CPU
+        # decodes slowly (no AVX-512: several times slower); the default 30 s cut them once.
+        "STAIK_DRAIN_TIMEOUT_S": "180",
     }
     proc = NodeProcess(workdir, ROOT / "models.standin.yaml", env=env)
     # Agent Pro: 1,000,000 tokens per hour, room for the whole session.

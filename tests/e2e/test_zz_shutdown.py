@@ -27,14 +27,15 @@ def test_sigterm_drains_streams_then_exits_without_children(node: NodeProcess) -
     def stream() -> None:
         body = {
             "model": "qwen3.6:35b-a3b",
-            # ignore_eos: long enough to be surely in flight when SIGTERM comes
-            "max_tokens": 300,
+            # ignore_eos: long enough to be surely in flight when SIGTERM comes, short enough
+            # to end well inside the session node's drain deadline on a slow CPU
+            "max_tokens": 150,
             "ignore_eos": True,
             "stream": True,
             "messages": [{"role": "user", "content": "Write a long essay about Sweden."}],
         }
         with httpx.stream(
-            "POST", node.base_url + "/v1/chat/completions", headers=auth, json=body, timeout=120
+            "POST", node.base_url + "/v1/chat/completions", headers=auth, json=body, timeout=180
         ) as r:
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: {"))
