@@ -21,7 +21,8 @@ class ModelKind(StrEnum):
 
 
 class ModelSpec(BaseModel):
-    """One public model of models.yaml. ``engine`` holds engine-specific arguments verbatim."""
+    """One public model of models.yaml. ``engine`` holds engine-specific arguments, passed on
+    as given (a chat engine given no dtype gets one for its CPU: ``vllm_chat.cpu_dtype``)."""
 
     model_config = ConfigDict(extra="forbid")
 
