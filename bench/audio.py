@@ -246,7 +246,7 @@ def _report(
             "clips_s": lengths,
             "language": LANGUAGE,
             "in_process_batched": f"BatchedInferencePipeline, batch_size {cfg.whisper_batch_size}, "
-            "vad_filter=True (required over 30 s)",
+            "vad_filter=True (required over 30 s), without_timestamps=False (segments at timestamps)",
             "sequential": "WhisperModel.transcribe, vad_filter=False (as the node)",
         },
         "ready_s": {"node": ready_s},

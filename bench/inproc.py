@@ -91,7 +91,11 @@ def whisper_server(spec: dict[str, Any]) -> None:
         "sequential": (model.transcribe, {"vad_filter": False}),  # as the node, under 120 s
         "batched": (
             BatchedInferencePipeline(model).transcribe,
-            {"vad_filter": True, "batch_size": int(spec["batch_size"])},
+            {
+                "vad_filter": True,
+                "without_timestamps": False,
+                "batch_size": int(spec["batch_size"]),
+            },
         ),
     }
     common: dict[str, Any] = dict(

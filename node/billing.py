@@ -26,6 +26,7 @@ from node.accounts import (
     Store,
     StoreUnavailable,
     Usage,
+    Window,
 )
 from node.errors import (
     EngineError,
@@ -78,11 +79,7 @@ class Bill:
             self.usage = exc.usage
             wait = exc.retry_after_s
             raise InsufficientQuota(
-                f"This request needs up to {tokens} tokens but the key's plan has "
-                f"{exc.usage.remaining} of {exc.usage.limit} left"
-                + (
-                    " (top up to continue)." if wait is None else f"; enough frees in {wait:.0f} s."
-                ),
+                _quota_message(tokens, exc.usage, self.key.window, wait),
                 retry_after_s=wait,
                 should_retry=wait is not None and wait <= SHOULD_RETRY_MAX_S,
             ) from None
@@ -119,6 +116,21 @@ class Bill:
         except (StoreUnavailable, ReservationNotFound) as exc:
             # The reservation stays a hold until its TTL: the key is never undercharged.
             log.error("settle of %s failed: %s", reservation.id, exc)
+
+
+def _quota_message(tokens: int, usage: Usage, window: Window, wait: float | None) -> str:
+    needs = f"This request needs up to {tokens} tokens"
+    if window is not Window.BALANCE and tokens > usage.limit:
+        return (
+            f"{needs}, more than the plan's whole limit of {usage.limit} per {window.value}: "
+            "lower max_tokens or send less input."
+        )
+    left = f"{needs} but the key's plan has {usage.remaining} of {usage.limit} left"
+    return (
+        f"{left} (top up to continue)."
+        if wait is None
+        else f"{left}; enough frees in {wait:.0f} s."
+    )
 
 
 async def flush_settles() -> None:

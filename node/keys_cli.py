@@ -50,7 +50,7 @@ async def _run(args: argparse.Namespace, store: Store) -> int:
         match args.keys_command:
             case "create":
                 if args.plan == "custom":
-                    if not (args.limit_tokens and args.window):
+                    if args.limit_tokens is None or not args.window:
                         raise ValueError("a custom plan needs --limit-tokens and --window")
                     plan = custom_plan(args.limit_tokens, args.window)
                 else:

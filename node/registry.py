@@ -180,8 +180,12 @@ class Registry:
 
     def resolve(self, name: Any, kind: ModelKind) -> ModelEntry:
         """The entry behind a public name: 404 if unknown, 400 if it is not a ``kind`` model."""
-        if not isinstance(name, str) or not name:
+        if name is None or name == "":
             raise InvalidRequest("The field 'model' is required.", param="model")
+        if not isinstance(name, str):
+            raise InvalidRequest(
+                "Invalid type for 'model': expected a string.", param="model", code="invalid_type"
+            )
         entry = self._by_name.get(name)
         if entry is None:
             raise ModelNotFound(f"The model '{name}' does not exist.", param="model")

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from node.accounts.plans import PLANS
 from node.accounts.sqlite import SQLiteStore
 from node.billing import Bill, flush_settles
+from node.errors import InsufficientQuota
 
 
 class SlowSettleStore(SQLiteStore):
@@ -66,6 +69,27 @@ def test_smaller_actual_is_written_before_settle_returns(tmp_path: Path) -> None
         assert (await store.usage(bill.key.id, 1000.0)).used == 30
         assert await bill.settle(30) == 0  # a second settle is a no-op and charges nothing
         assert (await store.usage(bill.key.id, 1000.0)).used == 30
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_a_request_over_the_whole_limit_is_told_so_not_to_top_up(tmp_path: Path) -> None:
+    """Waiting or topping up cannot make it fit an hour or day plan: say what can."""
+
+    async def body() -> None:
+        store = SQLiteStore(tmp_path / "c.db")
+        bill = await _bill(store)  # agent-pro: 1,000,000 per hour
+        with pytest.raises(InsufficientQuota) as info:
+            await bill.reserve(1_000_001)
+        assert "more than the plan's whole limit of 1000000 per hour" in info.value.message
+        assert "top up" not in info.value.message and info.value.retry_after_s is None
+        secret, _ = await store.create_key(PLANS["payg"], "p", 100)
+        found = await store.authenticate_usage(secret, 0.0)
+        assert found is not None
+        with pytest.raises(InsufficientQuota) as info:
+            await Bill(store, *found, clock=lambda: 1000.0).reserve(101)
+        assert "top up to continue" in info.value.message  # a balance grows by top-ups
         await store.close()
 
     asyncio.run(body())

@@ -17,6 +17,7 @@ from node.engines.vllm_chat import (
     _parse_args,
     engine_cli_args,
     error_from_vllm,
+    refuse_loose_scalars,
     refuse_unknown_fields,
 )
 from node.engines.vllm_sse import UsageWish, track_usage
@@ -125,6 +126,29 @@ def test_unknown_parameters_are_refused_by_name() -> None:
 
 
 @pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("stream", "yes", "expected a boolean, but got a string"),
+        ("n", "2", "expected an integer, but got a string"),
+        ("n", True, "expected an integer, but got a boolean"),
+        ("max_tokens", 5.0, "expected an integer, but got a decimal number"),
+        ("temperature", "0.5", "expected a number, but got a string"),
+        ("logprobs", 1, "expected a boolean, but got an integer"),
+    ],
+)
+def test_scalars_of_another_json_type_are_refused(field: str, value: object, expected: str) -> None:
+    """vLLM's models would coerce them ("stream": "yes" streams); OpenAI answers 400."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    fine = {"stream": True, "n": 2, "max_tokens": None, "temperature": 1, "top_p": 0.5}
+    refuse_loose_scalars({"model": "m", "messages": [], **fine}, ChatCompletionRequest)
+    with pytest.raises(InvalidRequest) as info:
+        refuse_loose_scalars({"model": "m", field: value}, ChatCompletionRequest)
+    assert expected in info.value.message
+    assert (info.value.param, info.value.code) == (field, "invalid_type")
+
+
+@pytest.mark.parametrize(
     ("message", "param"),
     [
         ({"content": "hi"}, "messages[0].role"),
@@ -187,6 +211,24 @@ def test_a_cut_stream_with_several_choices_counts_every_choice() -> None:
         }
         track_usage(_chunk(chunk), meter, wants)
     assert meter.total == 10 + 4 + 5  # the prompt once, each choice's own count
+
+
+def test_a_cut_stream_pays_at_least_every_prompt_the_engine_took_in() -> None:
+    """A legacy completion's chunks state only their own prompt's size; a stream cut before
+    any chunk states none. The prompts rendered before generation are the floor."""
+    meter = UsageMeter(prompt_floor=250)
+    assert meter.total == 250 and meter.completion == 0  # cut before the first chunk
+    wants = UsageWish(final=False, continuous=False)
+    for index, prompt, done in ((0, 200, 1), (1, 50, 1), (1, 50, 2)):
+        chunk = {
+            "choices": [{"index": index, "text": "x"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": done},
+        }
+        track_usage(_chunk(chunk), meter, wants)
+    assert meter.total == 250 + 1 + 2 and meter.completion == 3
+    final = {"choices": [], "usage": {"prompt_tokens": 260, "total_tokens": 270}}
+    track_usage(_chunk(final), meter, wants)
+    assert (meter.total, meter.prompt) == (270, 260)  # the engine's own final count wins
 
 
 def test_stopping_cancels_the_output_handler_before_the_engine_goes() -> None:

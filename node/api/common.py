@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -77,7 +78,34 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise InvalidRequest("The request body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if _ESCAPED_SURROGATE.search(raw):
+        _refuse_lone_surrogates(body, "")
     return body
+
+
+# JSON may escape a UTF-16 surrogate on its own ("\ud800"); json.loads keeps it, and it is no
+# text: tokenizers fail on it. Paired escapes (an emoji, as ensure_ascii writes it) are fine.
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_lone_surrogates(value: Any, path: str) -> None:
+    """400 naming the first string (or key) that holds an unpaired surrogate."""
+    if isinstance(value, str):
+        found = _LONE_SURROGATE.search(value)
+        if found:
+            raise InvalidRequest(
+                f"{path or 'The body'} holds an unpaired UTF-16 surrogate "
+                f"(\\u{ord(found.group()):04x}), which is not valid Unicode text.",
+                param=path or None,
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, path)
+            _refuse_lone_surrogates(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_lone_surrogates(item, f"{path}[{i}]")
 
 
 def _body_too_large(limit: int) -> PayloadTooLarge:

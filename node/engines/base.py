@@ -25,19 +25,32 @@ PromptHook = Callable[[int, int], Awaitable[None]]
 @dataclass
 class UsageMeter:
     """Tokens a reply used. A stream records vLLM's continuous usage chunk by chunk (it counts
-    each of the n choices separately), so a stream cut short still knows what it produced."""
+    each of the n choices separately), so a stream cut short still knows what it produced.
 
-    prompt: int = 0
+    Until the final usage arrives, the prompt is at least ``prompt_floor``: the tokens of every
+    prompt the engine took in, known before the first chunk. A chunk states only the prompt of
+    its own choice (of one prompt among several in a legacy completion), and a stream cut
+    before any chunk states nothing; the engine processed the prompts all the same.
+    """
+
+    seen_prompt: int = 0
+    prompt_floor: int = 0
     by_choice: dict[int, int] = field(default_factory=dict)
     final_total: int | None = None
 
     def record(self, numbers: dict[str, Any], choice: int | None) -> None:
         """``choice`` None: the request's final usage (all choices)."""
-        self.prompt = int(numbers.get("prompt_tokens", self.prompt))
+        self.seen_prompt = int(numbers.get("prompt_tokens", self.seen_prompt))
         if choice is None:
             self.final_total = int(numbers.get("total_tokens", 0))
             return
         self.by_choice[choice] = int(numbers.get("completion_tokens", 0))
+
+    @property
+    def prompt(self) -> int:
+        if self.final_total is not None:
+            return self.seen_prompt
+        return max(self.seen_prompt, self.prompt_floor)
 
     @property
     def total(self) -> int:

@@ -8,11 +8,14 @@ client lives in the node's event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
+import typing
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from node.config import ModelSpec
@@ -28,8 +31,20 @@ from node.errors import (
 
 log = logging.getLogger(__name__)
 
-# The request's prompt hook, visible to the render step that vLLM runs inside our call.
-_prompt_hook: ContextVar[PromptHook | None] = ContextVar("prompt_hook", default=None)
+
+@dataclass
+class _Rendering:
+    """One request as the render step (which vLLM runs inside our call) needs to know it."""
+
+    asked: int | None
+    """max_completion_tokens or max_tokens as the client sent it; None if it sent neither
+    (vLLM's parsed request holds a default then: 16 on legacy completions)."""
+    on_prompt: PromptHook | None
+    prompt: int = 0
+    """Set by the render step: the tokens of every prompt the engine will take in."""
+
+
+_rendering: ContextVar[_Rendering | None] = ContextVar("rendering", default=None)
 
 
 def engine_cli_args(spec: ModelSpec) -> list[str]:
@@ -147,7 +162,8 @@ class VllmChatEngine:
             inputs = result[1] if isinstance(result, tuple) else result
             if not isinstance(inputs, list):
                 return result  # an ErrorResponse: vLLM reports it
-            requested = _requested_max_tokens(request)
+            rendering = _rendering.get()
+            requested = rendering.asked if rendering else _requested_max_tokens(request)
             prompts = [serving._extract_prompt_len(i) for i in inputs]
             prompt = max(prompts, default=0)
             if requested is not None and prompt + requested > window:
@@ -157,14 +173,19 @@ class VllmChatEngine:
                     f"{prompt + requested} > {window}). Shorten the prompt or lower max_tokens.",
                     param="max_tokens",
                 )
-            hook = _prompt_hook.get()
-            if hook is not None:
-                n = request.n or 1
-                budget = sum(
-                    (requested if requested is not None else min(default, window - p)) * n
-                    for p in prompts
-                )
-                await hook(sum(prompts), budget)
+            if requested is None and request.max_tokens is not None:
+                # vLLM's own default (16 on legacy completions), not the client's: the node's
+                # default applies, as on chat; vLLM clamps it to each prompt's room.
+                request.max_tokens = default
+            if rendering is not None:
+                rendering.prompt = sum(prompts)
+                if rendering.on_prompt is not None:
+                    n = request.n or 1
+                    budget = sum(
+                        (requested if requested is not None else min(default, window - p)) * n
+                        for p in prompts
+                    )
+                    await rendering.on_prompt(rendering.prompt, budget)
             return result
 
         setattr(serving, method, checked_render)
@@ -213,6 +234,7 @@ class VllmChatEngine:
         from vllm.exceptions import VLLMClientError
 
         refuse_unknown_fields(body, model)
+        refuse_loose_scalars(body, model)
         try:
             request = model.model_validate(body)
         except ValidationError as exc:
@@ -229,14 +251,15 @@ class VllmChatEngine:
             # Usage in every chunk, so a stream cut short still knows what it produced; the
             # node strips what the client did not ask for.
             request.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=True)
-        requested = _requested_max_tokens(request)
+        requested = _asked_max_tokens(body)
         if requested is not None and requested >= self.spec.context_window:
             raise ContextLengthExceeded(
                 f"max_tokens asks for {requested} tokens, but this model's context window is "
                 f"{self.spec.context_window} tokens, prompt included. Lower max_tokens.",
                 param="max_tokens",
             )
-        token = _prompt_hook.set(on_prompt)
+        rendering = _Rendering(asked=requested, on_prompt=on_prompt)
+        token = _rendering.set(rendering)
         try:
             result = await create(request, None)
         except NodeError:
@@ -244,11 +267,11 @@ class VllmChatEngine:
         except Exception as exc:
             raise self._translate(exc) from exc
         finally:
-            _prompt_hook.reset(token)
+            _rendering.reset(token)
         if isinstance(result, ErrorResponse):
             raise error_from_vllm(result)
         if hasattr(result, "model_dump"):
-            body_out = result.model_dump(exclude_none=True)
+            body_out = result.model_dump()  # nulls kept, as `vllm serve` and OpenAI send them
             if any(c.get("finish_reason") == "abort" for c in body_out.get("choices") or []):
                 raise await self._aborted()
             add_reasoning_content(body_out.get("choices") or [], "message")
@@ -256,6 +279,7 @@ class VllmChatEngine:
             out.usage.record(body_out.get("usage") or {}, None)
             return out
         out = ChatResult()
+        out.usage.prompt_floor = rendering.prompt
         out.stream = self._guard_stream(result, out, wants_usage)
         return out
 
@@ -331,6 +355,12 @@ class VllmChatEngine:
             await asyncio.to_thread(llm.shutdown)
 
 
+def _asked_max_tokens(body: dict[str, Any]) -> int | None:
+    """The reply size the client asked for (types checked by ``refuse_loose_scalars``)."""
+    explicit = body.get("max_completion_tokens")
+    return explicit if explicit is not None else body.get("max_tokens")
+
+
 def _requested_max_tokens(request: Any) -> int | None:
     explicit = getattr(request, "max_completion_tokens", None)
     return explicit if explicit is not None else request.max_tokens
@@ -359,6 +389,57 @@ def refuse_unknown_fields(body: dict[str, Any], model: Any) -> None:
             param=unknown[0],
             code="unsupported_parameter",
         )
+
+
+_SCALAR_NAMES = {bool: "a boolean", int: "an integer", float: "a number"}
+
+
+@functools.cache
+def _scalar_fields(model: Any) -> dict[str, type]:
+    """The model's boolean and numeric fields (possibly nullable), with their type."""
+    found = {}
+    for name, info in model.model_fields.items():
+        args = set(typing.get_args(info.annotation)) or {info.annotation}
+        kinds = args - {type(None)}
+        if len(kinds) == 1 and (kind := kinds.pop()) in _SCALAR_NAMES:
+            found[name] = kind
+    return found
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "null")
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (kind is float and isinstance(value, float))
+
+
+def refuse_loose_scalars(body: dict[str, Any], model: Any) -> None:
+    """400 for a boolean or number sent as another JSON type, as OpenAI answers it: vLLM's
+    models coerce ("stream": "yes" would stream, "n": "2" would count)."""
+    for name, kind in _scalar_fields(model).items():
+        if name not in body:
+            continue
+        value = body[name]
+        if value is None:
+            continue  # vLLM's own validation says whether null is allowed
+        if not _fits(value, kind):
+            raise InvalidRequest(
+                f"Invalid type for '{name}': expected {_SCALAR_NAMES[kind]}, but got "
+                f"{_json_kind(value)} instead.",
+                param=name,
+                code="invalid_type",
+            )
 
 
 def error_from_vllm(err: Any) -> NodeError:

@@ -145,8 +145,11 @@ class WhisperEngine:
         )
         if duration >= self.batched_from_s:
             # Long audio: the batched pipeline decodes VAD-cut chunks together (it needs VAD).
+            # With timestamps, as the sequential path: else each chunk of up to 30 s (pauses
+            # included) is one segment, too long for a subtitle cue or a streamed delta.
             batch = int(self.spec.engine.get("batch_size", 8))
             kwargs["vad_filter"] = True
+            kwargs["without_timestamps"] = False
             segments, info = self._batched.transcribe(audio, batch_size=batch, **kwargs)
         else:
             segments, info = self._model.transcribe(audio, **kwargs)

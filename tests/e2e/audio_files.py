@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import wave
 from pathlib import Path
 
 import av
@@ -21,6 +22,19 @@ CONTAINERS = {
 
 def speak(text: str, voice: str, out: Path) -> Path:
     subprocess.run(["espeak-ng", "-v", voice, "-w", str(out), text], check=True)
+    return out
+
+
+def join_with_silence(first: Path, silence_s: float, second: Path, out: Path) -> Path:
+    """``first``, ``silence_s`` of silence, then ``second`` (WAVs of one format, as espeak-ng
+    writes them)."""
+    with wave.open(str(first)) as a, wave.open(str(second)) as b:
+        params = a.getparams()
+        gap = b"\0" * (int(silence_s * params.framerate) * params.sampwidth * params.nchannels)
+        frames = a.readframes(a.getnframes()) + gap + b.readframes(b.getnframes())
+    with wave.open(str(out), "wb") as w:
+        w.setparams(params)
+        w.writeframes(frames)
     return out
 
 

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.audio_files import CONTAINERS, convert, duration_s, speak
+from tests.e2e.audio_files import CONTAINERS, convert, duration_s, join_with_silence, speak
 from tests.e2e.node_process import NodeProcess
 
 pytestmark = pytest.mark.e2e
@@ -233,20 +233,27 @@ def test_upload_over_25_mb_is_413_when_chunked(node: NodeProcess, api_key: str) 
 def test_long_audio_goes_through_the_batched_pipeline(
     node: NodeProcess, api_key: str, tmp_path: Path
 ) -> None:
-    """Above the stand-in's batched_from_s (20 s) the batched, VAD-chunked pipeline runs."""
-    text = (
-        SENTENCES + "The museum opens at ten in the morning. In the evening we eat dinner "
-        "together. The children play in the park near the lake. Next summer we will travel "
-        "north to see the midnight sun."
+    """Above the stand-in's batched_from_s (20 s) the batched, VAD-chunked pipeline runs, and
+    still cuts segments at the model's timestamps: none spans the pause between two parts of
+    speech, though VAD merges both into one chunk of up to 30 s."""
+    first = speak(SENTENCES, "en", tmp_path / "first.wav")
+    second = speak(
+        "The museum opens at ten in the morning. In the evening we eat dinner together.",
+        "en",
+        tmp_path / "second.wav",
     )
-    wav = speak(text, "en", tmp_path / "long.wav")
+    pause_from, pause_s = duration_s(first), 8.0
+    wav = join_with_silence(first, pause_s, second, tmp_path / "long.wav")
     seconds = duration_s(wav)
     assert seconds > 20
     r = _post(node, api_key, wav, response_format="verbose_json", language="en")
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["text"].count("Stockholm") >= 2 and "Gothenburg" in body["text"]
-    assert body["segments"] and body["segments"][-1]["end"] > 15
+    assert "museum" in body["text"].lower()
+    spans = [(s["start"], s["end"]) for s in body["segments"]]
+    assert len(spans) >= 2 and spans[-1][1] > pause_from + pause_s
+    assert not [s for s in spans if s[0] < pause_from and s[1] > pause_from + pause_s], spans
     assert int(r.headers["X-Audio-Tokens-Charged"]) == math.ceil(round(seconds * 100, 6))
 
 

@@ -169,6 +169,54 @@ def test_stream_cut_by_client_is_charged_for_its_part(node: NodeProcess, fresh_k
     assert prompt < now < reserved  # the prompt and a part of the reply, not the whole hold
 
 
+def test_stream_cut_before_its_first_chunk_is_charged_its_prompt(
+    node: NodeProcess, fresh_key: str
+) -> None:
+    """The engine took the prompt in (the hold was placed after rendering it), so a client that
+    leaves before any token pays for it, as a cut non-streamed request does."""
+    long_question = [{"role": "user", "content": "Sweden has many lakes. " * 300}]
+    client = openai.OpenAI(api_key=fresh_key, base_url=node.base_url + "/v1")
+    prompt = client.chat.completions.create(
+        model="qwen3.5:9b", messages=long_question, max_tokens=1
+    ).usage.prompt_tokens  # type: ignore[union-attr]
+    before = node.used_tokens(fresh_key)
+    body = {"model": "qwen3.5:9b", "max_tokens": 50, "stream": True, "messages": long_question}
+    with httpx.stream(
+        "POST", node.base_url + "/v1/chat/completions", json=body, headers=_headers(fresh_key)
+    ) as r:
+        reserved = int(r.headers["X-RateLimit-Used-Tokens"])  # headers only: prefill runs
+    assert reserved == before + prompt + 50
+    deadline = time.monotonic() + 20
+    while (now := node.used_tokens(fresh_key)) == reserved and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert before + prompt <= now < reserved
+
+
+def test_legacy_completion_cut_early_pays_every_prompt(node: NodeProcess, fresh_key: str) -> None:
+    """Each chunk of a multi-prompt completion states only its own prompt's tokens; a cut
+    stream still pays for both prompts, which the engine took in."""
+    client = openai.OpenAI(api_key=fresh_key, base_url=node.base_url + "/v1")
+    prompts = ["Sweden has many lakes. " * 40, "Norway has many fjords. " * 8]
+    whole = client.completions.create(model="qwen3.5:9b", prompt=prompts, max_tokens=1)
+    assert whole.usage
+    before = node.used_tokens(fresh_key)
+    hold = before + whole.usage.prompt_tokens + 2 * 100
+    stream = client.completions.create(
+        model="qwen3.5:9b", prompt=prompts, max_tokens=100, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    seen = 0
+    for chunk in stream:
+        seen += len(chunk.choices)
+        if seen >= 6:
+            break
+    stream.close()
+    deadline = time.monotonic() + 20
+    while (now := node.used_tokens(fresh_key)) == hold and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert before + whole.usage.prompt_tokens + 6 <= now < hold
+
+
 def test_request_over_the_whole_limit_is_429_no_retry(node: NodeProcess) -> None:
     key = node.create_key("--plan", "custom", "--limit-tokens", "50", "--window", "hour")
     r = httpx.post(

@@ -240,6 +240,23 @@ def test_legacy_completions(client: openai.OpenAI) -> None:
     assert chunks[-1].usage and chunks[-1].usage.total_tokens == reply.usage.total_tokens
 
 
+def test_legacy_completions_default_to_the_models_max_tokens(client: openai.OpenAI) -> None:
+    """Not vLLM's legacy default of 16: a request without max_tokens gets the model's default,
+    as on chat (read until the 17th token, then cut)."""
+    stream = client.completions.create(
+        model=MODEL, prompt="Once upon a time", stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    made = 0
+    for chunk in stream:
+        made = chunk.usage.completion_tokens if chunk.usage else made
+        if made > 16 or any(c.finish_reason for c in chunk.choices):
+            break
+    stream.close()
+    assert made > 16
+
+
 def test_legacy_completions_window_check(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="Hello there, how are you?", max_tokens=8191)

@@ -73,6 +73,10 @@ def test_malformed_json_is_400(node: NodeProcess, api_key: str) -> None:
             },
             "temperature",
         ),
+        (
+            {"model": "qwen3.5:9b", "messages": [{"role": "user", "content": "x"}], "stream": "1"},
+            "stream",  # vLLM would coerce it (and stream); OpenAI refuses it
+        ),
         ({"model": "bge-m3:latest", "input": 3.5}, "input"),
         ({"model": "bge-m3:latest", "input": "x", "encoding_format": "hex"}, "encoding_format"),
     ],
@@ -86,6 +90,38 @@ def test_malformed_fields_are_400_naming_the_field(
     )
     err = _assert_error_shape(r, 400)
     assert err["param"] and err["param"].startswith(param)
+
+
+@pytest.mark.parametrize(
+    "route,raw,param",
+    [
+        ("/v1/embeddings", rb'{"model":"bge-m3:latest","input":["ok","\udc80x"]}', "input[1]"),
+        (
+            "/v1/chat/completions",
+            rb'{"model":"qwen3.5:9b","messages":[{"role":"user","content":"a\ud800"}]}',
+            "messages[0].content",
+        ),
+    ],
+)
+def test_an_unpaired_surrogate_is_400_not_a_tokenizer_crash(
+    node: NodeProcess, api_key: str, route: str, raw: bytes, param: str
+) -> None:
+    """Valid JSON, but no text: a client that cut a string inside an emoji sends it."""
+    r = httpx.post(
+        node.base_url + route,
+        content=raw,
+        headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert _assert_error_shape(r, 400)["param"] == param
+    emoji = rb'{"model":"bge-m3:latest","input":"\ud83d\ude00 ok"}'  # a pair: fine
+    r = httpx.post(
+        node.base_url + "/v1/embeddings",
+        content=emoji,
+        headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
 
 
 def test_missing_model_is_400(node: NodeProcess, api_key: str) -> None:
