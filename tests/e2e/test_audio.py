@@ -234,8 +234,9 @@ def test_long_audio_goes_through_the_batched_pipeline(
     node: NodeProcess, api_key: str, tmp_path: Path
 ) -> None:
     """Above the stand-in's batched_from_s (20 s) the batched, VAD-chunked pipeline runs, and
-    still cuts segments at the model's timestamps: none spans the pause between two parts of
-    speech, though VAD merges both into one chunk of up to 30 s."""
+    still cuts segments at the model's timestamps: VAD merges both parts of speech and the
+    pause between them into one chunk of up to 30 s, which without timestamps would be one
+    25 s segment."""
     first = speak(SENTENCES, "en", tmp_path / "first.wav")
     second = speak(
         "The museum opens at ten in the morning. In the evening we eat dinner together.",
@@ -252,8 +253,8 @@ def test_long_audio_goes_through_the_batched_pipeline(
     assert body["text"].count("Stockholm") >= 2 and "Gothenburg" in body["text"]
     assert "museum" in body["text"].lower()
     spans = [(s["start"], s["end"]) for s in body["segments"]]
-    assert len(spans) >= 2 and spans[-1][1] > pause_from + pause_s
-    assert not [s for s in spans if s[0] < pause_from and s[1] > pause_from + pause_s], spans
+    assert len(spans) >= 3 and spans[-1][1] > pause_from + pause_s, spans
+    assert max(end - start for start, end in spans) < 15, spans
     assert int(r.headers["X-Audio-Tokens-Charged"]) == math.ceil(round(seconds * 100, 6))
 
 
