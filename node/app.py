@@ -1,6 +1,7 @@
 """The node as a Starlette app. A request flows top to bottom:
 
-    MetricsMiddleware: times every request by route and status (GET /metrics)
+    CORSMiddleware: browsers' preflights answered, the headers they may read exposed
+    -> MetricsMiddleware: times every request by route and status (GET /metrics)
     -> DrainMiddleware: 503 shutting_down once SIGTERM came; counts requests in flight
     -> AccountMiddleware: key (401), X-RateLimit-* headers on whatever goes out
     -> route -> handler (api/*) -> registry.resolve (404/400) -> require_ready (503)
@@ -21,6 +22,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -68,7 +70,9 @@ async def _node_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed(f"{request.method} is not allowed on this route."))
+        err = MethodNotAllowed(f"{request.method} is not allowed on this route.")
+        err.extra_headers.update(exc.headers or {})  # Allow: the methods the route takes
+        return error_response(err)
     if exc.status_code == 404:
         return error_response(NotFound(f"No route {request.method} {request.url.path}."))
     return error_response(NodeError(str(exc.detail), status=exc.status_code, code="http_error"))
@@ -77,6 +81,35 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
     return error_response(EngineError("The node failed to handle the request."))
+
+
+# What a browser script may read of an answer, besides the basic headers.
+EXPOSED_HEADERS = [
+    "X-RateLimit-Limit-Tokens",
+    "X-RateLimit-Used-Tokens",
+    "X-RateLimit-Remaining-Tokens",
+    "X-Audio-Duration-Seconds",
+    "X-Audio-Tokens-Charged",
+    "Retry-After",
+    "retry-after-ms",
+    "x-should-retry",
+]
+
+
+def _cors(origins: list[str]) -> list[Middleware]:
+    """Preflights answered before any key is asked for; none of it without an Origin."""
+    if not origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=3600,
+        )
+    ]
 
 
 def create_app(
@@ -106,6 +139,7 @@ def create_app(
         routes=ROUTES,
         lifespan=lifespan,
         middleware=[
+            *_cors(settings.cors_origins),
             Middleware(MetricsMiddleware, metrics=meters),
             Middleware(DrainMiddleware, drain=drain),
             Middleware(AccountMiddleware, store=store),
@@ -116,6 +150,9 @@ def create_app(
             Exception: _unexpected,
         },
     )
+    # A trailing slash is a 404, not a redirect: Starlette's would name this host over plain
+    # http, wrong behind a TLS gateway.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.registry = registry
     app.state.started_at = int(time.time())

@@ -88,6 +88,17 @@ class Bill:
         except StoreUnavailable as exc:
             raise store_down(exc) from None
 
+    def refuse_hopeless(self, tokens: int) -> None:
+        """429 at once, before the request takes a slot, if at least ``tokens`` can never fit:
+        more than the plan's whole limit, or than a balance holds (no wait frees those), so
+        that a key that cannot pay does not hold slots others could use."""
+        usage, window = self.usage, self.key.window
+        room = usage.remaining if window is Window.BALANCE else usage.limit
+        if tokens > room:
+            raise InsufficientQuota(
+                _quota_message(tokens, usage, window, None), retry_after_s=None, should_retry=False
+            )
+
     async def settle(self, actual_tokens: int) -> int:
         """Replace the hold by what was really used; returns the tokens charged (0 if nothing
         was held, or it was settled before).

@@ -111,8 +111,13 @@ class Settings(BaseModel):
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     max_json_bytes: int = 64 * 1024 * 1024  # room for a few inline images
     drain_timeout_s: float = 30.0
+    # A stream whose client reads nothing for this long lets go of its slot and engine work.
+    stream_stall_timeout_s: float = 60.0
     daily_reset_tz: str = "Europe/Stockholm"
     image_allowed_hosts: list[str] = Field(default_factory=list)
+    # Browsers may call the API from any origin, as OpenAI's: keys are bearer tokens, never
+    # cookies. STAIK_CORS_ORIGINS names origins (comma-separated), or "none" for no CORS.
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
     log_level: str = "info"
     # uvicorn's line per request: off by default, /metrics counts requests instead (the line
     # cost ~0.14 ms of event loop per request, and a flood of 429s a line each).
@@ -132,6 +137,7 @@ class Settings(BaseModel):
             "STAIK_MAX_UPLOAD_BYTES": "max_upload_bytes",
             "STAIK_MAX_JSON_BYTES": "max_json_bytes",
             "STAIK_DRAIN_TIMEOUT_S": "drain_timeout_s",
+            "STAIK_STREAM_STALL_TIMEOUT_S": "stream_stall_timeout_s",
             "STAIK_DAILY_RESET_TZ": "daily_reset_tz",
             "STAIK_LOG_LEVEL": "log_level",
             "STAIK_ACCESS_LOG": "access_log",
@@ -143,5 +149,8 @@ class Settings(BaseModel):
             values["image_allowed_hosts"] = [
                 h.strip() for h in env["STAIK_IMAGE_ALLOWED_HOSTS"].split(",") if h.strip()
             ]
+        if env.get("STAIK_CORS_ORIGINS"):
+            origins = [o.strip() for o in env["STAIK_CORS_ORIGINS"].split(",") if o.strip()]
+            values["cors_origins"] = [] if origins == ["none"] else origins
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)

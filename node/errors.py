@@ -111,6 +111,23 @@ class PayloadTooLarge(NodeError):
     code = "file_too_large"
 
 
+class StreamStalled(NodeError):
+    """The client stopped reading its stream; the node let go of the work behind it."""
+
+    status = 408
+    type = "timeout_error"
+    code = "stream_stalled"
+
+
+class ClientClosedRequest(NodeError):
+    """The client hung up before its request was whole: nobody reads the answer, and the
+    metrics count it as the client's doing (nginx's 499), not the server's."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 class UnsupportedMediaType(NodeError):
     status = 415
     type = "invalid_request_error"

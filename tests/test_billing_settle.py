@@ -93,3 +93,27 @@ def test_a_request_over_the_whole_limit_is_told_so_not_to_top_up(tmp_path: Path)
         await store.close()
 
     asyncio.run(body())
+
+
+def test_a_request_that_can_never_fit_is_refused_before_any_work(tmp_path: Path) -> None:
+    """refuse_hopeless needs no store call: the plan's limit, or a balance, says it all."""
+
+    async def body() -> None:
+        store = SQLiteStore(tmp_path / "d.db")
+        bill = await _bill(store)  # agent-pro: 1,000,000 per hour
+        bill.refuse_hopeless(1_000_000)  # may fit once the hour frees it: the store decides
+        with pytest.raises(InsufficientQuota) as info:
+            bill.refuse_hopeless(1_000_001)
+        assert info.value.should_retry is False and "whole limit" in info.value.message
+        secret, _ = await store.create_key(PLANS["payg"], "p", 100)
+        found = await store.authenticate_usage(secret, 0.0)
+        assert found is not None
+        balance = Bill(store, *found, clock=lambda: 1000.0)
+        balance.refuse_hopeless(100)
+        with pytest.raises(InsufficientQuota) as info:
+            balance.refuse_hopeless(101)
+        assert "top up" in info.value.message
+        assert (await store.usage(bill.key.id, 1000.0)).used == 0  # nothing was held
+        await store.close()
+
+    asyncio.run(body())

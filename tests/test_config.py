@@ -63,3 +63,10 @@ def test_settings_from_env() -> None:
     s = Settings.from_env({"STAIK_PORT": "9001", "STAIK_IMAGE_ALLOWED_HOSTS": "a.test, b.test"})
     assert s.port == 9001 and s.image_allowed_hosts == ["a.test", "b.test"]
     assert Settings.from_env({}, port=1234).port == 1234
+
+
+def test_cors_origins_default_to_any_and_can_be_named_or_switched_off() -> None:
+    assert Settings.from_env({}).cors_origins == ["*"]
+    named = Settings.from_env({"STAIK_CORS_ORIGINS": "https://a.se, https://b.se"})
+    assert named.cors_origins == ["https://a.se", "https://b.se"]
+    assert Settings.from_env({"STAIK_CORS_ORIGINS": "none"}).cors_origins == []

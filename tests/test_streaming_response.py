@@ -60,3 +60,79 @@ def test_a_client_gone_before_the_first_chunk_can_leave_the_stream_unstarted() -
     never started never runs its ``finally``."""
     ran, finished = asyncio.run(_serve(client_gone_after=0, sends_suspend=1))
     assert ran == [] and finished == 1
+
+
+def test_a_client_that_stops_reading_lets_go_of_the_stream_after_the_stall_timeout() -> None:
+    """Its send blocks for good (connected, reading nothing): on_stall runs once, while the
+    response is still stuck; finish still runs once the response ends."""
+
+    async def body() -> tuple[int, int, int]:
+        stalls = finished = sent = 0
+
+        async def events() -> AsyncIterator[str]:
+            for i in range(1000):
+                yield f"data: {i}\n\n"
+
+        async def send(message: dict) -> None:
+            nonlocal sent
+            sent += 1
+            if sent > 3:
+                await asyncio.Event().wait()  # the client's window is full: never returns
+
+        async def receive() -> dict[str, str]:
+            await asyncio.Event().wait()  # connected: no disconnect ever comes
+            return {}
+
+        async def on_stall() -> None:
+            nonlocal stalls
+            stalls += 1
+
+        async def finish() -> None:
+            nonlocal finished
+            finished += 1
+
+        response = ClosingStreamingResponse(
+            events(), finish=finish, on_stall=on_stall, stall_timeout_s=0.2
+        )
+        serving = asyncio.ensure_future(response(SCOPE, receive, send))
+        await asyncio.sleep(0.1)
+        early = stalls
+        await asyncio.sleep(0.6)
+        assert not serving.done() and finished == 0
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        return early, stalls, finished
+
+    assert asyncio.run(body()) == (0, 1, 1)
+
+
+def test_a_reading_client_never_stalls() -> None:
+    async def body() -> int:
+        stalls = 0
+
+        async def events() -> AsyncIterator[str]:
+            for i in range(5):
+                await asyncio.sleep(0.1)  # the engine is slow, not the client
+                yield f"data: {i}\n\n"
+
+        async def send(message: dict) -> None:
+            await asyncio.sleep(0.01)
+
+        async def receive() -> dict[str, str]:
+            await asyncio.Event().wait()
+            return {}
+
+        async def on_stall() -> None:
+            nonlocal stalls
+            stalls += 1
+
+        async def finish() -> None:
+            pass
+
+        response = ClosingStreamingResponse(
+            events(), finish=finish, on_stall=on_stall, stall_timeout_s=0.05
+        )
+        await asyncio.wait_for(response(SCOPE, receive, send), 5)
+        return stalls
+
+    assert asyncio.run(body()) == 0

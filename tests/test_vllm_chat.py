@@ -20,7 +20,7 @@ from node.engines.vllm_chat import (
     refuse_loose_scalars,
     refuse_unknown_fields,
 )
-from node.engines.vllm_sse import UsageWish, track_usage
+from node.engines.vllm_sse import UsageWish, tidy_choices, track_usage
 from node.errors import InvalidRequest, invalid_from_validation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +183,38 @@ def test_reasoning_is_sent_under_both_names() -> None:
     assert shown is not None
     delta = json.loads(shown[6:])["choices"][0]["delta"]
     assert delta == {"reasoning": "Hmm", "reasoning_content": "Hmm"}
+
+
+def test_tool_call_deltas_name_their_function_once() -> None:
+    """vLLM's later deltas of a required tool call say "name": null; OpenAI's omit it."""
+    later = {
+        "choices": [
+            {
+                "index": 0,
+                "delta": {
+                    "tool_calls": [{"index": 0, "function": {"name": None, "arguments": "{"}}]
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    }
+    shown = track_usage(_chunk(later), UsageMeter(), UsageWish(final=False, continuous=False))
+    assert shown is not None
+    assert json.loads(shown[6:])["choices"][0]["delta"]["tool_calls"] == [
+        {"index": 0, "function": {"arguments": "{"}}
+    ]
+
+
+def test_a_reply_of_tool_calls_has_null_content() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    choices = [
+        {"message": {"role": "assistant", "content": "", "tool_calls": [call]}},
+        {"message": {"role": "assistant", "content": "", "tool_calls": []}},
+    ]
+    tidy_choices(choices, "message")
+    assert choices[0]["message"]["content"] is None
+    assert choices[0]["message"]["tool_calls"][0]["function"]["name"] == "f"
+    assert choices[1]["message"]["content"] == ""  # no tool call: the text stays as it was
 
 
 def test_nested_usage_objects_take_the_parsed_path() -> None:

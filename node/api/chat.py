@@ -28,7 +28,7 @@ from node.api.common import (
 from node.billing import bill_of
 from node.config import ModelKind
 from node.engines.base import ChatResult, EngineDead
-from node.errors import EngineError, InvalidRequest, NodeError, sse_error_event
+from node.errors import EngineError, InvalidRequest, NodeError, StreamStalled, sse_error_event
 from node.images import count_images, inline_images
 from node.metrics import Metrics
 from node.registry import ModelEntry, Registry
@@ -56,8 +56,9 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     engine = entry.require_ready()
     _check_choices(body.get("n"))
     if chat:
-        _check_roles(body.get("messages"))
+        _check_messages(body.get("messages"))
     images = _count_images(body, entry) if chat else 0
+    bill.refuse_hopeless(_least_tokens(body))
     permit = await admit(entry)
     metrics = request.app.state.metrics
     prompt_tokens = 0
@@ -103,6 +104,12 @@ async def _generate(request: Request, *, chat: bool) -> Response:
             if await bill.settle(0 if outcome.failed else result.total_tokens):
                 _count_charged(metrics, entry, result)
 
+    async def stalled() -> None:
+        """The client reads nothing: let go now, charged what was produced, as a cut stream."""
+        outcome.stalled = True
+        await finish()
+
+    settings = request.app.state.settings
     return ClosingStreamingResponse(
         _relay(
             result,
@@ -113,6 +120,8 @@ async def _generate(request: Request, *, chat: bool) -> Response:
             lambda code: metrics.stream_error(request.scope, code),
         ),
         finish=finish,
+        on_stall=stalled,
+        stall_timeout_s=settings.stream_stall_timeout_s,
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
@@ -123,6 +132,23 @@ def _count_charged(metrics: Metrics, entry: ModelEntry, result: ChatResult) -> N
     metrics.charged(entry.spec.name, prompt=usage.prompt, completion=usage.completion)
 
 
+def _least_tokens(body: dict[str, Any]) -> int:
+    """The fewest tokens the request can be charged, known before its prompt is rendered:
+    the reply room it asks for in each choice of each prompt (0 if it names none)."""
+    asked = body.get("max_completion_tokens")
+    asked = body.get("max_tokens") if asked is None else asked
+    n, prompts = body.get("n"), body.get("prompt")
+    if not _is_count(asked):
+        return 0
+    choices = n if _is_count(n) else 1
+    many = isinstance(prompts, list) and bool(prompts) and not isinstance(prompts[0], int)
+    return asked * choices * (len(prompts) if many else 1)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def _check_choices(n: Any) -> None:
     if isinstance(n, int) and not isinstance(n, bool) and n > MAX_CHOICES:
         raise InvalidRequest(
@@ -130,11 +156,17 @@ def _check_choices(n: Any) -> None:
         )
 
 
-def _check_roles(messages: Any) -> None:
-    """400 for a role OpenAI does not define, as OpenAI answers it: vLLM would pass any role
-    on to the chat template, which renders it as if it were one."""
+def _check_messages(messages: Any) -> None:
+    """400 for no message at all, or a role OpenAI does not define, as OpenAI answers them:
+    vLLM would pass any role on to the chat template, which renders it as if it were one."""
     if not isinstance(messages, list):
         return  # vLLM's validation names the problem
+    if not messages:
+        raise InvalidRequest(
+            "'messages' is empty; send at least one message.",
+            param="messages",
+            code="invalid_value",
+        )
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if isinstance(role, str) and role not in ROLES:
@@ -163,6 +195,7 @@ def _count_images(body: dict[str, Any], entry: ModelEntry) -> int:
 @dataclass
 class _Outcome:
     failed: bool = False
+    stalled: bool = False  # the client stopped reading; the engine's request was let go
 
 
 async def _relay(
@@ -185,6 +218,10 @@ async def _relay(
     try:
         async for chunk in result.stream:
             yield chunk
+        if outcome.stalled:  # the stream was closed under us; told if the client reads on
+            err = StreamStalled("The stream was stopped: the client read nothing for too long.")
+            count_error(err.code)
+            yield sse_error_event(err)
     except NodeError as err:
         outcome.failed = True
         if isinstance(err, EngineDead):

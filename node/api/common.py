@@ -10,11 +10,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from node.errors import InvalidRequest, PayloadTooLarge, RateLimited, invalid_from_validation
+from node.errors import (
+    ClientClosedRequest,
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimited,
+    invalid_from_validation,
+)
 from node.registry import ModelEntry
 from node.scheduler import Permit
 
@@ -64,11 +70,14 @@ async def read_json(request: Request) -> dict[str, Any]:
     if declared.isdigit() and int(declared) > limit:
         raise _body_too_large(limit)
     parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise _body_too_large(limit)
-        parts.append(part)
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise _body_too_large(limit)
+            parts.append(part)
+    except ClientDisconnect:
+        raise ClientClosedRequest("The client closed the connection mid-body.") from None
     raw = b"".join(parts)
     try:
         body = json.loads(raw)
@@ -143,21 +152,63 @@ class ClosingStreamingResponse(StreamingResponse):
     here runs its ``finally`` at once (the engine's request aborted). When the client is gone
     before the first chunk, Starlette may never start the generator, whose own ``finally``
     then never runs: that is why what the stream holds is let go by ``finish``, not by it.
+
+    A client that stays connected but stops reading blocks a send for good: after
+    ``stall_timeout_s`` of one blocked send, ``on_stall`` runs (let go of the engine's work
+    and the slot, which the client could otherwise hold for as long as it likes).
     """
 
     def __init__(
-        self, content: AsyncIterator[str], *, finish: Callable[[], Awaitable[None]], **kwargs: Any
+        self,
+        content: AsyncIterator[str],
+        *,
+        finish: Callable[[], Awaitable[None]],
+        on_stall: Callable[[], Awaitable[None]] | None = None,
+        stall_timeout_s: float = 60.0,
+        **kwargs: Any,
     ) -> None:
         super().__init__(content, **kwargs)
         self._finish = finish
+        self._on_stall = on_stall
+        self._stall_timeout_s = stall_timeout_s
+        self._sending_since: float | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watch = None
+        if self._on_stall is not None:
+            send = self._timed(send)
+            watch = asyncio.ensure_future(self._watch_for_stall())
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if watch is not None:
+                watch.cancel()
             try:
                 close = getattr(self.body_iterator, "aclose", None)
                 if close is not None:
                     await close()
             finally:
                 await self._finish()
+
+    def _timed(self, send: Send) -> Send:
+        """``send``, noting when a send began: a time stamp per chunk, no task or timer."""
+        clock = asyncio.get_running_loop().time
+
+        async def timed_send(message: Message) -> None:
+            self._sending_since = clock()
+            try:
+                await send(message)
+            finally:
+                self._sending_since = None
+
+        return timed_send
+
+    async def _watch_for_stall(self) -> None:
+        assert self._on_stall is not None
+        clock = asyncio.get_running_loop().time
+        while True:
+            await asyncio.sleep(self._stall_timeout_s / 4)
+            since = self._sending_since
+            if since is not None and clock() - since >= self._stall_timeout_s:
+                await self._on_stall()
+                return

@@ -20,7 +20,7 @@ from typing import Any
 
 from node.config import ModelSpec
 from node.engines.base import ChatResult, EngineDead, PromptHook
-from node.engines.vllm_sse import UsageWish, add_reasoning_content, track_usage
+from node.engines.vllm_sse import UsageWish, tidy_choices, track_usage
 from node.errors import (
     ContextLengthExceeded,
     EngineError,
@@ -274,7 +274,7 @@ class VllmChatEngine:
             body_out = result.model_dump()  # nulls kept, as `vllm serve` and OpenAI send them
             if any(c.get("finish_reason") == "abort" for c in body_out.get("choices") or []):
                 raise await self._aborted()
-            add_reasoning_content(body_out.get("choices") or [], "message")
+            tidy_choices(body_out.get("choices") or [], "message")
             out = ChatResult(body=body_out)
             out.usage.record(body_out.get("usage") or {}, None)
             return out
@@ -457,7 +457,7 @@ def error_from_vllm(err: Any) -> NodeError:
     return EngineError(message)
 
 
-_FIELD_FIRST = re.compile(r"([a-z][a-z0-9_]*) (?:must|should) ")
+_FIELD_FIRST = re.compile(r"([a-z][a-z0-9_]*) (?:must|should|cannot) ")
 
 
 def _field_named(message: str) -> str | None:

@@ -1,5 +1,6 @@
 """Rewriting vLLM's SSE chunks on their way out: usage tracked for billing and shown only as
-the client asked, reasoning sent under both of its names. Runs on every token of every stream.
+the client asked, reasoning sent under both of its names, tool-call deltas as OpenAI sends
+them. Runs on every token of every stream.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def track_usage(chunk: str, meter: UsageMeter, wants: UsageWish) -> str | None:
         meter.record(numbers, int(index.group(1)) if index else 0)
         if not wants.continuous:
             chunk = chunk[: found.start()] + chunk[found.end() :]
-    if '"reasoning":' not in chunk:
+    if '"reasoning":' not in chunk and '"name":null' not in chunk:
         return chunk
     obj = json.loads(chunk[6:])
-    add_reasoning_content(obj.get("choices") or [], "delta")
+    tidy_choices(obj.get("choices") or [], "delta")
     return sse_data(obj)
 
 
@@ -70,14 +71,30 @@ def _track_usage_parsed(chunk: str, meter: UsageMeter, wants: UsageWish) -> str 
     meter.record(numbers, int(choices[0].get("index", 0)))
     if not wants.continuous:
         obj.pop("usage", None)
-    add_reasoning_content(choices, "delta")
+    tidy_choices(choices, "delta")
     return sse_data(obj)
 
 
-def add_reasoning_content(choices: list[dict[str, Any]], part: str) -> None:
-    """vLLM names the thinking ``reasoning`` (newer clients read it); older clients read
-    ``reasoning_content``: send both."""
+def tidy_choices(choices: list[dict[str, Any]], part: str) -> None:
+    """Where vLLM's message (``part`` "message") or delta ("delta") differs from OpenAI's.
+
+    - vLLM names the thinking ``reasoning`` (newer clients read it); older clients read
+      ``reasoning_content``: send both.
+    - A reply of tool calls has ``content`` null, not "" (clients test for null).
+    - A streamed tool call names its function in its first delta only; vLLM's later deltas
+      of a required tool call say ``"name": null``, which a client appending names would
+      turn into "fnull".
+    """
     for choice in choices:
         message = choice.get(part) or {}
         if message.get("reasoning") is not None:
             message["reasoning_content"] = message["reasoning"]
+        calls = message.get("tool_calls")
+        if not calls:
+            continue
+        if part == "message" and message.get("content") == "":
+            message["content"] = None
+        for call in calls:
+            function = call.get("function") or {}
+            if "name" in function and function["name"] is None:
+                del function["name"]

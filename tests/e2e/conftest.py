@@ -27,6 +27,8 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         # The shutdown test's streams must finish inside the drain deadline even where the CPU
         # decodes slowly (no AVX-512: several times slower); the default 30 s cut them once.
         "STAIK_DRAIN_TIMEOUT_S": "180",
+        # Short, so the stalled-reader test waits little; every other test reads its streams.
+        "STAIK_STREAM_STALL_TIMEOUT_S": "8",
     }
     proc = NodeProcess(workdir, ROOT / "models.standin.yaml", env=env)
     # Agent Pro: 1,000,000 tokens per hour, room for the whole session.

@@ -226,6 +226,7 @@ def test_request_over_the_whole_limit_is_429_no_retry(node: NodeProcess) -> None
     )
     assert r.status_code == 429
     assert r.json()["error"]["code"] == "insufficient_quota"
+    assert "more than the plan's whole limit of 50 per hour" in r.json()["error"]["message"]
     assert r.headers["x-should-retry"] == "false"
     assert all(h in r.headers for h in RATE_HEADERS)
     assert node.used_tokens(key) == 0  # nothing charged for a refused request

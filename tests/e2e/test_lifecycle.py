@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import socket
 import threading
 import time
 
@@ -149,6 +150,54 @@ def test_streams_cut_by_clients_leak_no_slot_and_no_engine_request(node: NodePro
         waits.append(_wait(lambda: node.model(model)["slots_in_use"] == 0, 10, step=0.002))
     waits.sort()
     print(f"disconnect -> slot free: p50 {waits[10] * 1000:.1f} ms, max {waits[-1] * 1000:.1f} ms")
+
+
+def test_a_client_that_stops_reading_loses_its_slot_after_the_stall_timeout(
+    node: NodeProcess,
+) -> None:
+    """Connected, but reading nothing (a small receive window, full): after the session
+    node's 8 s stall timeout the engine's work is aborted and the slot is free for others;
+    the client, if it reads on, finds a stream_stalled error event and [DONE]."""
+    model = "qwen3.6:35b-a3b"
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Write a very long story."}],
+            "max_tokens": 1000,
+            "n": 8,
+            "logprobs": True,
+            "top_logprobs": 20,  # large chunks: the windows fill in a few steps
+            "stream": True,
+            "ignore_eos": True,
+        }
+    ).encode()
+    host, port = node.base_url.removeprefix("http://").split(":")
+    conn = socket.socket()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.connect((host, int(port)))
+    try:
+        conn.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {node.key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 60
+        while node.model(model)["slots_in_use"] == 0:
+            assert time.monotonic() < deadline, "the request never took a slot"
+            time.sleep(0.2)
+        deadline = time.monotonic() + 120
+        while (card := node.model(model))["slots_in_use"] or card["engine_requests"]:
+            assert time.monotonic() < deadline, f"a stalled reader still holds {card}"
+            time.sleep(0.5)
+        conn.settimeout(60)
+        seen = b""
+        while b"stream_stalled" not in seen or b"[DONE]" not in seen.split(b"stream_stalled")[-1]:
+            part = conn.recv(1 << 16)
+            assert part, "the stream ended without the stall event"
+            seen = seen[-4096:] + part
+    finally:
+        conn.close()
 
 
 def test_a_non_streaming_client_that_leaves_aborts_its_reply(node: NodeProcess) -> None:

@@ -3,6 +3,7 @@ model gauges, the event loop's lag."""
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
@@ -39,6 +40,25 @@ def test_requests_are_counted_by_route_and_status(node: NodeProcess, client: ope
     assert grew("unrouted", 401) == 1
     labels = (("route", "/v1/models"), ("status", "200"))
     assert after[("staik_request_duration_seconds_sum", labels)] > 0
+
+
+def test_a_client_hanging_up_mid_body_is_a_499_not_a_500(node: NodeProcess, api_key: str) -> None:
+    """Its doing, not the server's: no 5xx for an operator's alerts, no error traceback."""
+    route = "/v1/embeddings"
+    before = node.metrics()
+    host, port = node.base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            f"POST {route} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {api_key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            '{"model": "bge-m3:latest", "input": "half'.encode()
+        )
+        time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while _count(node.metrics(), route, 499) == _count(before, route, 499):
+        assert time.monotonic() < deadline, "the hang-up was never counted"
+        time.sleep(0.2)
+    assert _count(node.metrics(), route, 500) == _count(before, route, 500)
 
 
 def test_models_report_state_and_slots(node: NodeProcess) -> None:

@@ -65,6 +65,11 @@ def test_malformed_json_is_400(node: NodeProcess, api_key: str) -> None:
     "body,param",
     [
         ({"model": "qwen3.5:9b", "messages": "hello"}, "messages"),
+        ({"model": "qwen3.5:9b", "messages": []}, "messages"),
+        (
+            {"model": "qwen3.5:9b", "messages": [{"role": "user", "content": "x"}], "stop": ""},
+            "stop",  # vLLM's "stop cannot contain an empty string" names no param itself
+        ),
         (
             {
                 "model": "qwen3.5:9b",
@@ -136,8 +141,12 @@ def test_missing_model_is_400(node: NodeProcess, api_key: str) -> None:
 def test_unknown_route_and_wrong_method(node: NodeProcess, api_key: str) -> None:
     auth = {"Authorization": f"Bearer {api_key}"}
     _assert_error_shape(httpx.get(node.base_url + "/v1/nothing", headers=auth), 404)
-    _assert_error_shape(httpx.get(node.base_url + "/v1/chat/completions", headers=auth), 405)
+    wrong = httpx.get(node.base_url + "/v1/chat/completions", headers=auth)
+    _assert_error_shape(wrong, 405)
+    assert wrong.headers["Allow"] == "POST"
     _assert_error_shape(httpx.get(node.base_url + "/nothing"), 404)
+    slash = httpx.post(node.base_url + "/v1/chat/completions/", headers=auth, json={})
+    _assert_error_shape(slash, 404)  # not a redirect to http://<this host>/...
 
 
 def test_json_body_over_the_cap_is_413(node: NodeProcess, api_key: str) -> None:
@@ -156,3 +165,26 @@ def test_json_body_over_the_cap_is_413(node: NodeProcess, api_key: str) -> None:
         node.base_url + "/v1/chat/completions", content=chunks(), headers=auth, timeout=60
     )
     assert _assert_error_shape(chunked, 413)["code"] == "request_too_large"
+
+
+def test_browsers_get_cors_without_a_key_for_the_preflight(node: NodeProcess, api_key: str) -> None:
+    """As OpenAI's API: a web app may call the node with its bearer key, and read the
+    X-RateLimit-* headers."""
+    origin = {"Origin": "https://app.example"}
+    preflight = httpx.options(
+        node.base_url + "/v1/chat/completions",
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    listed = httpx.get(
+        node.base_url + "/v1/models", headers={**origin, "Authorization": f"Bearer {api_key}"}
+    )
+    assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == "*"
+    exposed = listed.headers["access-control-expose-headers"].lower()
+    assert "x-ratelimit-remaining-tokens" in exposed and "x-audio-tokens-charged" in exposed
