@@ -89,14 +89,16 @@ class Bill:
             raise store_down(exc) from None
 
     def refuse_hopeless(self, tokens: int) -> None:
-        """429 at once, before the request takes a slot, if at least ``tokens`` can never fit:
-        more than the plan's whole limit, or than a balance holds (no wait frees those), so
-        that a key that cannot pay does not hold slots others could use."""
-        usage, window = self.usage, self.key.window
-        room = usage.remaining if window is Window.BALANCE else usage.limit
-        if tokens > room:
+        """429 at once, before the request takes a slot, if at least ``tokens`` is more than the
+        plan's whole limit (a balance: all it was ever granted): no wait makes that fit, and a
+        key that cannot pay must not hold slots others could use. What merely does not fit
+        now is the store's to judge, with the holds of the key's requests in flight."""
+        usage = self.usage
+        if tokens > usage.limit:
             raise InsufficientQuota(
-                _quota_message(tokens, usage, window, None), retry_after_s=None, should_retry=False
+                _quota_message(tokens, usage, self.key.window, None),
+                retry_after_s=None,
+                should_retry=False,
             )
 
     async def settle(self, actual_tokens: int) -> int:

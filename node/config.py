@@ -112,7 +112,7 @@ class Settings(BaseModel):
     max_json_bytes: int = 64 * 1024 * 1024  # room for a few inline images
     drain_timeout_s: float = 30.0
     # A stream whose client reads nothing for this long lets go of its slot and engine work.
-    stream_stall_timeout_s: float = 60.0
+    stream_stall_timeout_s: float = Field(default=60.0, gt=0)
     daily_reset_tz: str = "Europe/Stockholm"
     image_allowed_hosts: list[str] = Field(default_factory=list)
     # Browsers may call the API from any origin, as OpenAI's: keys are bearer tokens, never

@@ -63,10 +63,11 @@ def test_a_client_gone_before_the_first_chunk_can_leave_the_stream_unstarted() -
 
 
 def test_a_client_that_stops_reading_lets_go_of_the_stream_after_the_stall_timeout() -> None:
-    """Its send blocks for good (connected, reading nothing): on_stall runs once, while the
-    response is still stuck; finish still runs once the response ends."""
+    """Its send blocks for good (connected, reading nothing): on_stall marks it and finish
+    runs at once, while the response is still stuck; once the response ends (here: the
+    client finally goes), finish is not run a second time."""
 
-    async def body() -> tuple[int, int, int]:
+    async def body() -> tuple[int, int, int, int]:
         stalls = finished = sent = 0
 
         async def events() -> AsyncIterator[str]:
@@ -83,12 +84,13 @@ def test_a_client_that_stops_reading_lets_go_of_the_stream_after_the_stall_timeo
             await asyncio.Event().wait()  # connected: no disconnect ever comes
             return {}
 
-        async def on_stall() -> None:
+        def on_stall() -> None:
             nonlocal stalls
             stalls += 1
 
         async def finish() -> None:
             nonlocal finished
+            await asyncio.sleep(0.05)  # the engine's abort takes a while
             finished += 1
 
         response = ClosingStreamingResponse(
@@ -96,14 +98,51 @@ def test_a_client_that_stops_reading_lets_go_of_the_stream_after_the_stall_timeo
         )
         serving = asyncio.ensure_future(response(SCOPE, receive, send))
         await asyncio.sleep(0.1)
-        early = stalls
+        early = stalls + finished
         await asyncio.sleep(0.6)
-        assert not serving.done() and finished == 0
+        assert not serving.done()
+        stalled_then = finished
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
-        return early, stalls, finished
+        return early, stalls, stalled_then, finished
 
-    assert asyncio.run(body()) == (0, 1, 1)
+    assert asyncio.run(body()) == (0, 1, 1, 1)
+
+
+def test_finish_runs_once_when_the_client_leaves_during_the_stall_finish() -> None:
+    """The watchdog's finish is still running (the engine's abort) when the response ends:
+    the response waits for that same run instead of starting a second one."""
+
+    async def body() -> tuple[int, int]:
+        started = finished = 0
+        gate = asyncio.Event()
+
+        async def events() -> AsyncIterator[str]:
+            for i in range(1000):
+                yield f"data: {i}\n\n"
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                await asyncio.Event().wait()
+
+        async def receive() -> dict[str, str]:
+            await gate.wait()  # the client leaves once the stall's finish has begun
+            return {"type": "http.disconnect"}
+
+        async def finish() -> None:
+            nonlocal started, finished
+            started += 1
+            gate.set()
+            await asyncio.sleep(0.2)
+            finished += 1
+
+        response = ClosingStreamingResponse(
+            events(), finish=finish, on_stall=lambda: None, stall_timeout_s=0.1
+        )
+        await asyncio.wait_for(response(SCOPE, receive, send), 5)
+        return started, finished
+
+    assert asyncio.run(body()) == (1, 1)
 
 
 def test_a_reading_client_never_stalls() -> None:
@@ -122,7 +161,7 @@ def test_a_reading_client_never_stalls() -> None:
             await asyncio.Event().wait()
             return {}
 
-        async def on_stall() -> None:
+        def on_stall() -> None:
             nonlocal stalls
             stalls += 1
 

@@ -104,10 +104,11 @@ async def _generate(request: Request, *, chat: bool) -> Response:
             if await bill.settle(0 if outcome.failed else result.total_tokens):
                 _count_charged(metrics, entry, result)
 
-    async def stalled() -> None:
-        """The client reads nothing: let go now, charged what was produced, as a cut stream."""
+    def stalled() -> None:
+        """The client reads nothing: ``finish`` lets go now, charged what was produced, as for
+        a cut stream; the relay takes no further chunk."""
         outcome.stalled = True
-        await finish()
+        metrics.stream_error(request.scope, StreamStalled.code)
 
     settings = request.app.state.settings
     return ClosingStreamingResponse(
@@ -218,10 +219,11 @@ async def _relay(
     try:
         async for chunk in result.stream:
             yield chunk
-        if outcome.stalled:  # the stream was closed under us; told if the client reads on
-            err = StreamStalled("The stream was stopped: the client read nothing for too long.")
-            count_error(err.code)
-            yield sse_error_event(err)
+            if outcome.stalled:  # finish() is closing the stream: ask it for nothing more
+                if not chunk.endswith("[DONE]\n\n"):  # told, if the client reads on
+                    err = StreamStalled("The stream was stopped: the client read nothing.")
+                    yield sse_error_event(err)
+                break
     except NodeError as err:
         outcome.failed = True
         if isinstance(err, EngineDead):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -80,7 +81,8 @@ async def read_json(request: Request) -> dict[str, Any]:
         raise ClientClosedRequest("The client closed the connection mid-body.") from None
     raw = b"".join(parts)
     try:
-        body = json.loads(raw)
+        # Strict UTF-8 (JSON's encoding): json.loads of bytes would let encoded surrogates in.
+        body = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -154,8 +156,10 @@ class ClosingStreamingResponse(StreamingResponse):
     then never runs: that is why what the stream holds is let go by ``finish``, not by it.
 
     A client that stays connected but stops reading blocks a send for good: after
-    ``stall_timeout_s`` of one blocked send, ``on_stall`` runs (let go of the engine's work
-    and the slot, which the client could otherwise hold for as long as it likes).
+    ``stall_timeout_s`` of one blocked send, ``on_stall`` marks it and ``finish`` runs then
+    (let go of the engine's work and the slot, which the client could otherwise hold for as
+    long as it likes). ``finish`` runs once, in a task of its own that nothing cancels, and
+    every caller waits for that one run.
     """
 
     def __init__(
@@ -163,7 +167,7 @@ class ClosingStreamingResponse(StreamingResponse):
         content: AsyncIterator[str],
         *,
         finish: Callable[[], Awaitable[None]],
-        on_stall: Callable[[], Awaitable[None]] | None = None,
+        on_stall: Callable[[], None] | None = None,
         stall_timeout_s: float = 60.0,
         **kwargs: Any,
     ) -> None:
@@ -172,6 +176,7 @@ class ClosingStreamingResponse(StreamingResponse):
         self._on_stall = on_stall
         self._stall_timeout_s = stall_timeout_s
         self._sending_since: float | None = None
+        self._finishing: asyncio.Future[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watch = None
@@ -188,7 +193,12 @@ class ClosingStreamingResponse(StreamingResponse):
                 if close is not None:
                     await close()
             finally:
-                await self._finish()
+                await self._finish_once()
+
+    def _finish_once(self) -> Awaitable[None]:
+        if self._finishing is None:
+            self._finishing = asyncio.ensure_future(self._finish())
+        return asyncio.shield(self._finishing)
 
     def _timed(self, send: Send) -> Send:
         """``send``, noting when a send began: a time stamp per chunk, no task or timer."""
@@ -210,5 +220,7 @@ class ClosingStreamingResponse(StreamingResponse):
             await asyncio.sleep(self._stall_timeout_s / 4)
             since = self._sending_since
             if since is not None and clock() - since >= self._stall_timeout_s:
-                await self._on_stall()
+                self._on_stall()
+                with contextlib.suppress(Exception):  # the response's own await reports it
+                    await self._finish_once()
                 return

@@ -7,10 +7,15 @@ as it streams and cut off at the cap. python-multipart (through Starlette) spool
 from __future__ import annotations
 
 from starlette.datastructures import FormData
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message, Receive
 
-from node.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from node.errors import (
+    ClientClosedRequest,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
 _MULTIPART_SLACK = 64 * 1024  # room for boundaries and the small fields beside the file
 
@@ -51,5 +56,7 @@ async def read_form(request: Request, max_file_bytes: int) -> FormData:
         return await capped.form(max_files=1, max_fields=32)
     except PayloadTooLarge:
         raise
+    except ClientDisconnect:
+        raise ClientClosedRequest("The client closed the connection mid-upload.") from None
     except Exception as exc:  # python-multipart / Starlette parse errors
         raise InvalidRequest(f"The multipart body could not be parsed: {exc}") from None

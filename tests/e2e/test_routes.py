@@ -119,6 +119,14 @@ def test_an_unpaired_surrogate_is_400_not_a_tokenizer_crash(
         timeout=30,
     )
     assert _assert_error_shape(r, 400)["param"] == param
+    encoded = b'{"model":"bge-m3:latest","input":"a\xed\xa0\x80"}'  # as bytes: not UTF-8
+    r = httpx.post(
+        node.base_url + "/v1/embeddings",
+        content=encoded,
+        headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+        timeout=30,
+    )
+    _assert_error_shape(r, 400)
     emoji = rb'{"model":"bge-m3:latest","input":"\ud83d\ude00 ok"}'  # a pair: fine
     r = httpx.post(
         node.base_url + "/v1/embeddings",
