@@ -26,8 +26,8 @@ class SlowSettleStore(SQLiteStore):
         return await super().settle(reservation_id, actual_tokens, now)
 
 
-async def _bill(store: SQLiteStore) -> Bill:
-    secret, _ = await store.create_key(PLANS["agent-pro"], "t")
+async def _bill(store: SQLiteStore, plan: str = "agent-pro", tokens: int | None = None) -> Bill:
+    secret, _ = await store.create_key(PLANS[plan], "t", tokens)
     found = await store.authenticate_usage(secret, 0.0)
     assert found is not None
     return Bill(store, *found, clock=lambda: 1000.0)
@@ -84,11 +84,8 @@ def test_a_request_over_the_whole_limit_is_told_so_not_to_top_up(tmp_path: Path)
             await bill.reserve(1_000_001)
         assert "more than the plan's whole limit of 1000000 per hour" in info.value.message
         assert "top up" not in info.value.message and info.value.retry_after_s is None
-        secret, _ = await store.create_key(PLANS["payg"], "p", 100)
-        found = await store.authenticate_usage(secret, 0.0)
-        assert found is not None
         with pytest.raises(InsufficientQuota) as info:
-            await Bill(store, *found, clock=lambda: 1000.0).reserve(101)
+            await (await _bill(store, "payg", 100)).reserve(101)
         assert "top up to continue" in info.value.message  # a balance grows by top-ups
         await store.close()
 
@@ -105,10 +102,7 @@ def test_a_request_that_can_never_fit_is_refused_before_any_work(tmp_path: Path)
         with pytest.raises(InsufficientQuota) as info:
             bill.refuse_hopeless(1_000_001)
         assert info.value.should_retry is False and "whole limit" in info.value.message
-        secret, _ = await store.create_key(PLANS["payg"], "p", 100)
-        found = await store.authenticate_usage(secret, 0.0)
-        assert found is not None
-        balance = Bill(store, *found, clock=lambda: 1000.0)
+        balance = await _bill(store, "payg", 100)
         balance.refuse_hopeless(100)
         with pytest.raises(InsufficientQuota) as info:
             balance.refuse_hopeless(101)

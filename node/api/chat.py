@@ -28,6 +28,7 @@ from node.api.common import (
 from node.billing import bill_of
 from node.config import ModelKind
 from node.engines.base import ChatResult, EngineDead
+from node.engines.vllm_chat import asked_max_tokens
 from node.errors import EngineError, InvalidRequest, NodeError, StreamStalled, sse_error_event
 from node.images import count_images, inline_images
 from node.metrics import Metrics
@@ -136,8 +137,7 @@ def _count_charged(metrics: Metrics, entry: ModelEntry, result: ChatResult) -> N
 def _least_tokens(body: dict[str, Any]) -> int:
     """The fewest tokens the request can be charged, known before its prompt is rendered:
     the reply room it asks for in each choice of each prompt (0 if it names none)."""
-    asked = body.get("max_completion_tokens")
-    asked = body.get("max_tokens") if asked is None else asked
+    asked = asked_max_tokens(body)
     n, prompts = body.get("n"), body.get("prompt")
     if not _is_count(asked):
         return 0
@@ -151,7 +151,7 @@ def _is_count(value: Any) -> bool:
 
 
 def _check_choices(n: Any) -> None:
-    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_CHOICES:
+    if _is_count(n) and n > MAX_CHOICES:
         raise InvalidRequest(
             f"n is {n}; at most {MAX_CHOICES} choices per request.", param="n", code="invalid_value"
         )

@@ -160,10 +160,10 @@ class VllmChatEngine:
             result = await render(request)
             # chat renders (conversation, inputs); completions render the inputs alone
             inputs = result[1] if isinstance(result, tuple) else result
-            if not isinstance(inputs, list):
-                return result  # an ErrorResponse: vLLM reports it
             rendering = _rendering.get()
-            requested = rendering.asked if rendering else _requested_max_tokens(request)
+            if not isinstance(inputs, list) or rendering is None:
+                return result  # an ErrorResponse (vLLM reports it), or not one of our calls
+            requested = rendering.asked
             prompts = [serving._extract_prompt_len(i) for i in inputs]
             prompt = max(prompts, default=0)
             if requested is not None and prompt + requested > window:
@@ -177,15 +177,14 @@ class VllmChatEngine:
                 # vLLM's own default (16 on legacy completions), not the client's: the node's
                 # default applies, as on chat; vLLM clamps it to each prompt's room.
                 request.max_tokens = default
-            if rendering is not None:
-                rendering.prompt = sum(prompts)
-                if rendering.on_prompt is not None:
-                    n = request.n or 1
-                    budget = sum(
-                        (requested if requested is not None else min(default, window - p)) * n
-                        for p in prompts
-                    )
-                    await rendering.on_prompt(rendering.prompt, budget)
+            rendering.prompt = sum(prompts)
+            if rendering.on_prompt is not None:
+                n = request.n or 1
+                budget = sum(
+                    (requested if requested is not None else min(default, window - p)) * n
+                    for p in prompts
+                )
+                await rendering.on_prompt(rendering.prompt, budget)
             return result
 
         setattr(serving, method, checked_render)
@@ -251,7 +250,7 @@ class VllmChatEngine:
             # Usage in every chunk, so a stream cut short still knows what it produced; the
             # node strips what the client did not ask for.
             request.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=True)
-        requested = _asked_max_tokens(body)
+        requested = asked_max_tokens(body)
         if requested is not None and requested >= self.spec.context_window:
             raise ContextLengthExceeded(
                 f"max_tokens asks for {requested} tokens, but this model's context window is "
@@ -355,15 +354,11 @@ class VllmChatEngine:
             await asyncio.to_thread(llm.shutdown)
 
 
-def _asked_max_tokens(body: dict[str, Any]) -> int | None:
-    """The reply size the client asked for (types checked by ``refuse_loose_scalars``)."""
+def asked_max_tokens(body: dict[str, Any]) -> Any:
+    """The reply size the client asked for, as sent (None if it named none; its type is
+    checked by ``refuse_loose_scalars``): max_completion_tokens wins over max_tokens."""
     explicit = body.get("max_completion_tokens")
     return explicit if explicit is not None else body.get("max_tokens")
-
-
-def _requested_max_tokens(request: Any) -> int | None:
-    explicit = getattr(request, "max_completion_tokens", None)
-    return explicit if explicit is not None else request.max_tokens
 
 
 async def _aclose(gen: Any) -> None:
