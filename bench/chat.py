@@ -70,7 +70,10 @@ def _drive(
     """One run of ``vllm bench serve`` at ``conc`` against one server (a fresh process)."""
     client_env = {**server.env, "OPENAI_API_KEY": key}  # sent to both; vllm serve ignores it
     out = raw / f"{server.name}-c{conc}-r{rep}.json"
-    argv = bench_argv(cfg, spec, server.base_url, conc, seed=rep, out=out)
+    # Prompts of their own for each concurrency and repetition (the same for both sides): the
+    # same random prompts again would hit the server's prefix cache (on by default in vLLM),
+    # and a later run would time cached prefill (TTFT 0.2 s instead of 1.1 s on a slow CPU).
+    argv = bench_argv(cfg, spec, server.base_url, conc, seed=1000 * rep + conc, out=out)
     log = raw / f"{server.name}-c{conc}-r{rep}.log"
     procs.run_bounded(argv, client_env, cfg.chat_run_timeout_s, log_path=log)
     got = json.loads(out.read_text())

@@ -40,6 +40,10 @@ from node.errors import (
 log = logging.getLogger(__name__)
 
 SHOULD_RETRY_MAX_S = 120  # openai-python waits at most this long; beyond it, tell it not to
+IN_FLIGHT_RETRY_S = 2.0
+"""Retry hint when only the key's own requests in flight block a reservation: how soon they
+settle is unknown (a chat of a few tokens or a long reply), so the client is asked to try
+again shortly rather than told a wait."""
 _pending_settles: set[asyncio.Task[None]] = set()
 
 
@@ -77,12 +81,7 @@ class Bill:
             )
         except QuotaExceeded as exc:
             self.usage = exc.usage
-            wait = exc.retry_after_s
-            raise InsufficientQuota(
-                _quota_message(tokens, exc.usage, self.key.window, wait),
-                retry_after_s=wait,
-                should_retry=wait is not None and wait <= SHOULD_RETRY_MAX_S,
-            ) from None
+            raise _quota_refusal(exc, self.key.window) from None
         except KeyNotFound:
             raise Unauthorized("The API key was revoked.") from None
         except StoreUnavailable as exc:
@@ -129,6 +128,30 @@ class Bill:
         except (StoreUnavailable, ReservationNotFound) as exc:
             # The reservation stays a hold until its TTL: the key is never undercharged.
             log.error("settle of %s failed: %s", reservation.id, exc)
+
+
+def _quota_refusal(exc: QuotaExceeded, window: Window) -> InsufficientQuota:
+    """The 429 for a reservation the store refused. When only the holds of the key's own
+    requests in flight stand in the way, the store's wait (holds counted as lasting until they
+    expire: an hour) would tell the client to give up, while the request fits as soon as those
+    requests settle: say so, and ask for a retry shortly."""
+    wait = exc.retry_after_s
+    if exc.fits_after_holds:
+        usage = exc.usage
+        running = "request" if exc.holds == 1 else f"{exc.holds} requests"
+        return InsufficientQuota(
+            f"This request needs up to {exc.requested} tokens but the key's plan has "
+            f"{usage.remaining} of {usage.limit} left: {exc.held} are held by the key's "
+            f"{running} still running, which give back what they do not use. Retry when "
+            f"{'it finishes' if exc.holds == 1 else 'they finish'}.",
+            retry_after_s=IN_FLIGHT_RETRY_S if wait is None else min(wait, IN_FLIGHT_RETRY_S),
+            should_retry=True,
+        )
+    return InsufficientQuota(
+        _quota_message(exc.requested, exc.usage, window, wait),
+        retry_after_s=wait,
+        should_retry=wait is not None and wait <= SHOULD_RETRY_MAX_S,
+    )
 
 
 def _quota_message(tokens: int, usage: Usage, window: Window, wait: float | None) -> str:

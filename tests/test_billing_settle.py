@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.accounts.plans import PLANS
+from node.accounts.plans import PLANS, Window, custom_plan
 from node.accounts.sqlite import SQLiteStore
 from node.billing import Bill, flush_settles
 from node.errors import InsufficientQuota
@@ -108,6 +108,36 @@ def test_a_request_that_can_never_fit_is_refused_before_any_work(tmp_path: Path)
             balance.refuse_hopeless(101)
         assert "top up" in info.value.message
         assert (await store.usage(bill.key.id, 1000.0)).used == 0  # nothing was held
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_a_request_blocked_only_by_the_keys_own_requests_in_flight_is_told_to_retry_soon(
+    tmp_path: Path,
+) -> None:
+    """The holds of requests still running settle to what they use: the store's wait (a hold
+    counts until it expires, an hour) must not tell the client to give up on the request."""
+
+    async def body() -> None:
+        store = SQLiteStore(tmp_path / "e.db")
+        secret, _ = await store.create_key(custom_plan(1000, Window.HOUR), "t")
+        found = await store.authenticate_usage(secret, 0.0)
+        assert found is not None
+        running = Bill(store, *found, clock=lambda: 1000.0)
+        other = Bill(store, running.key, running.usage, clock=lambda: 1000.0)
+        await running.reserve(700)
+        with pytest.raises(InsufficientQuota) as info:
+            await other.reserve(400)
+        refusal = info.value
+        assert refusal.should_retry is True and refusal.retry_after_s == 2.0
+        assert "700 are held by the key's request still running" in refusal.message
+        await running.settle(100)  # the running request used little of its hold
+        await other.reserve(400)  # and the retry fits
+        # Not when the settled usage alone leaves no room: the wait is the window's.
+        with pytest.raises(InsufficientQuota) as info:
+            await Bill(store, running.key, other.usage, clock=lambda: 1000.0).reserve(950)
+        assert info.value.retry_after_s == 3600.0 and "held" not in info.value.message
         await store.close()
 
     asyncio.run(body())

@@ -59,10 +59,19 @@ class ReservationNotFound(LookupError):
 
 class QuotaExceeded(Exception):
     """The reservation does not fit. ``retry_after_s``: seconds until it would fit if nothing
-    else happened meanwhile; None when waiting cannot help (over the whole limit, or a
-    balance that needs a top-up)."""
+    else happened meanwhile (holds counted as lasting until they expire); None when waiting
+    cannot help (over the whole limit, or a balance that needs a top-up). ``held``: the part
+    of ``usage.used`` that is holds of the key's requests still in flight (``holds`` of them),
+    which settle to what those requests use, at most what they hold."""
 
-    def __init__(self, usage: Usage, requested: int, retry_after_s: float | None) -> None:
+    def __init__(
+        self,
+        usage: Usage,
+        requested: int,
+        retry_after_s: float | None,
+        held: int = 0,
+        holds: int = 0,
+    ) -> None:
         wait = "never without a top-up" if retry_after_s is None else f"{retry_after_s:.0f} s"
         super().__init__(
             f"token limit exceeded: requested {requested}, remaining {usage.remaining} "
@@ -71,6 +80,13 @@ class QuotaExceeded(Exception):
         self.usage = usage
         self.requested = requested
         self.retry_after_s = retry_after_s
+        self.held = held
+        self.holds = holds
+
+    @property
+    def fits_after_holds(self) -> bool:
+        """Whether the request fits once the key's requests in flight have settled."""
+        return self.holds > 0 and self.usage.used - self.held + self.requested <= self.usage.limit
 
     @property
     def retry_after(self) -> float:

@@ -179,6 +179,7 @@ def quota_exceeded(
     ttl: float,
 ) -> QuotaExceeded:
     """The error for a reservation that does not fit, with its true retry-after."""
+    pending = list(pending)
     day_end = day_bounds(now, tz)[1] if window is Window.DAY else None
     wait = retry_after(
         window=window,
@@ -191,4 +192,5 @@ def quota_exceeded(
         day_end=day_end,
         ttl=ttl,
     )
-    return QuotaExceeded(Usage.of(limit, used), tokens, wait)
+    held = sum(amount for _, amount in pending)
+    return QuotaExceeded(Usage.of(limit, used), tokens, wait, held=held, holds=len(pending))

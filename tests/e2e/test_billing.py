@@ -242,3 +242,29 @@ def test_spent_daily_cap_is_429_with_true_retry_after(node: NodeProcess) -> None
     assert info.value.code == "insufficient_quota"
     assert 0 < int(headers["Retry-After"]) <= 25 * 3600  # until local midnight
     assert headers["x-should-retry"] == ("false" if int(headers["Retry-After"]) > 120 else "true")
+
+
+def test_request_blocked_only_by_the_keys_own_stream_is_told_to_retry_soon(
+    node: NodeProcess,
+) -> None:
+    """A running stream holds its whole max_tokens; a second request that fits once it settles
+    gets a short retry (the SDK's retry then passes), not the hour the hold could last."""
+    key = node.create_key("--plan", "custom", "--limit-tokens", "1000", "--window", "hour")
+    client = openai.OpenAI(api_key=key, base_url=node.base_url + "/v1", max_retries=0)
+    body = {"model": "qwen3.5:9b", "max_tokens": 600, "stream": True, "messages": QUESTION}
+    with httpx.stream(
+        "POST", node.base_url + "/v1/chat/completions", json=body, headers=_headers(key)
+    ) as running:
+        held = int(running.headers["X-RateLimit-Used-Tokens"])
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model="qwen3.5:9b", messages=QUESTION, max_tokens=350)
+    headers, error = info.value.response.headers, info.value.body
+    assert isinstance(error, dict) and error["code"] == "insufficient_quota"
+    assert f"{held} are held by the key's request still running" in error["message"]
+    assert (headers["retry-after"], headers["x-should-retry"]) == ("2", "true")
+    deadline = time.monotonic() + 20
+    while node.used_tokens(key) == held and time.monotonic() < deadline:
+        time.sleep(0.2)  # the cut stream settles to its part
+    assert node.used_tokens(key) < held
+    reply = client.chat.completions.create(model="qwen3.5:9b", messages=QUESTION, max_tokens=350)
+    assert reply.usage and reply.usage.completion_tokens > 0
