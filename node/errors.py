@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 
 from node.sse import sse_data
 
@@ -218,11 +219,28 @@ def _is_field_name(part: str) -> bool:
     return part.isdigit() or (part[:1].islower() and part.replace("_", "").isalnum())
 
 
-def error_response(err: NodeError, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    merged = dict(err.headers())
-    if headers:
-        merged.update(headers)
-    return JSONResponse(err.body(), status_code=err.status, headers=merged)
+ERROR_CODE_KEY = "error_code"  # where an error answer notes its code in the request's scope
+
+
+class ErrorResponse(JSONResponse):
+    """An error answer in OpenAI's shape. It notes its code in the request's scope, where the
+    metrics read it: a 429 ``model_busy`` (capacity) and a 429 ``insufficient_quota`` (a key's
+    plan) call for different actions by an operator."""
+
+    def __init__(self, err: NodeError, headers: Mapping[str, str] | None = None) -> None:
+        merged = dict(err.headers())
+        if headers:
+            merged.update(headers)
+        super().__init__(err.body(), status_code=err.status, headers=merged)
+        self.code = err.code
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope.setdefault("state", {})[ERROR_CODE_KEY] = self.code
+        await super().__call__(scope, receive, send)
+
+
+def error_response(err: NodeError, headers: Mapping[str, str] | None = None) -> ErrorResponse:
+    return ErrorResponse(err, headers)
 
 
 def sse_error_event(err: NodeError) -> str:

@@ -1,5 +1,5 @@
 """Prometheus metrics at GET /metrics (open, like /health): how long requests take, by route
-and status, streams that failed midway, tokens charged by model, the event loop's lag, and
+and status, error answers by their code, streams that failed midway, tokens charged by model, the event loop's lag, and
 how each model stands (state, slots in use, restarts), read when scraped.
 
 The duration runs from the request's arrival in the app to its last byte handed to the
@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from node.errors import ERROR_CODE_KEY
 from node.registry import ModelState, Registry
 
 # Fine at the low end: a refusal (401, 429) should take well under 5 ms.
@@ -71,6 +72,13 @@ class Metrics:
             "From the request's arrival in the app to its last byte, by route and status",
             ["route", "status"],
             buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "staik_errors",
+            "Error answers by route, status and error code: tells a 429 model_busy (all slots "
+            "busy) from a 429 insufficient_quota (a key's plan spent)",
+            ["route", "status", "code"],
             registry=self.registry,
         )
         self.stream_errors = Counter(
@@ -140,9 +148,11 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_noting_status)
         finally:
-            self.metrics.requests.labels(self.metrics.route_of(scope), str(status)).observe(
-                time.perf_counter() - start
-            )
+            route = self.metrics.route_of(scope)
+            self.metrics.requests.labels(route, str(status)).observe(time.perf_counter() - start)
+            if status >= 400:
+                code = scope.get("state", {}).get(ERROR_CODE_KEY, "none")
+                self.metrics.errors.labels(route, str(status), code).inc()
 
 
 async def metrics(request: Request) -> Response:

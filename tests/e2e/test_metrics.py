@@ -42,6 +42,32 @@ def test_requests_are_counted_by_route_and_status(node: NodeProcess, client: ope
     assert after[("staik_request_duration_seconds_sum", labels)] > 0
 
 
+def test_error_answers_are_counted_by_their_code(node: NodeProcess, api_key: str) -> None:
+    """A 429 for a spent plan and a 429 for busy slots mean different things to an operator:
+    each error answer counts under its code, whichever layer of the node gave it."""
+    chat = "/v1/chat/completions"
+    small = node.create_key("--plan", "custom", "--limit-tokens", "50", "--window", "hour")
+    question = [{"role": "user", "content": "Hej"}]
+    before = node.metrics()
+    for key, body in (
+        (small, {"model": "qwen3.5:9b", "messages": question, "max_tokens": 100}),
+        (api_key, {"model": "no-such-model", "messages": question}),
+        ("sk-st-nonsense", {"model": "qwen3.5:9b", "messages": question}),
+    ):
+        httpx.post(node.base_url + chat, json=body, headers={"Authorization": f"Bearer {key}"})
+    after = node.metrics()
+
+    def grew(status: int, code: str) -> float:
+        labels = (("code", code), ("route", chat), ("status", str(status)))
+        sample = ("staik_errors_total", labels)
+        return after.get(sample, 0.0) - before.get(sample, 0.0)
+
+    assert grew(429, "insufficient_quota") == 1
+    assert grew(429, "model_busy") == 0
+    assert grew(404, "model_not_found") == 1
+    assert grew(401, "invalid_api_key") == 1
+
+
 def test_a_client_hanging_up_mid_body_is_a_499_not_a_500(node: NodeProcess, api_key: str) -> None:
     """Its doing, not the server's: no 5xx for an operator's alerts, no error traceback."""
     route = "/v1/embeddings"
