@@ -44,6 +44,9 @@ IN_FLIGHT_RETRY_S = 2.0
 """Retry hint when only the key's own requests in flight block a reservation: how soon they
 settle is unknown (a chat of a few tokens or a long reply), so the client is asked to try
 again shortly rather than told a wait."""
+SETTLE_RETRY_S = 300.0  # how long a settle is retried while the store is unreachable
+SETTLE_FIRST_RETRY_S = 0.5  # the first pause between tries; it doubles, up to 10 s
+SHUTDOWN_SETTLE_WAIT_S = 15.0  # how long shutdown waits for settles still retrying
 _pending_settles: set[asyncio.Task[None]] = set()
 
 
@@ -75,10 +78,12 @@ class Bill:
 
     async def reserve(self, tokens: int) -> None:
         """Hold ``tokens`` before the work; 429 insufficient_quota if the window can't fit it."""
+        reserving = asyncio.ensure_future(self.store.reserve(self.key.id, tokens, self.clock()))
         try:
-            self.reservation, self.usage = await self.store.reserve(
-                self.key.id, tokens, self.clock()
-            )
+            self.reservation, self.usage = await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            reserving.add_done_callback(self._release_orphan)
+            raise
         except QuotaExceeded as exc:
             self.usage = exc.usage
             raise _quota_refusal(exc, self.key.window) from None
@@ -115,19 +120,79 @@ class Bill:
         self.settled = True
         tokens = max(0, actual_tokens)
         self.usage = Usage.of(self.usage.limit, self.usage.used - self.reservation.tokens + tokens)
-        task = asyncio.ensure_future(self._settle(self.reservation, tokens))
-        _pending_settles.add(task)
-        task.add_done_callback(_pending_settles.discard)
+        first_try = _write_settle(self.store, self.reservation, tokens, self.clock)
         if tokens != self.reservation.tokens:
-            await asyncio.shield(task)
+            await asyncio.shield(first_try)
         return tokens
 
-    async def _settle(self, reservation: Reservation, tokens: int) -> None:
-        try:
-            await self.store.settle(reservation.id, tokens, self.clock())
-        except (StoreUnavailable, ReservationNotFound) as exc:
-            # The reservation stays a hold until its TTL: the key is never undercharged.
-            log.error("settle of %s failed: %s", reservation.id, exc)
+    def _release_orphan(self, reserving: asyncio.Future[tuple[Reservation, Usage]]) -> None:
+        """A reservation whose request was cancelled while the store wrote it (the client
+        left): nothing ran for it, so it is settled to 0 rather than held for its TTL."""
+        if reserving.cancelled() or reserving.exception() is not None:
+            return
+        reservation, _ = reserving.result()
+        _write_settle(self.store, reservation, 0, self.clock)
+
+
+def _write_settle(
+    store: Store, reservation: Reservation, tokens: int, clock: Callable[[], float]
+) -> asyncio.Future[None]:
+    """Write a settle in a task of its own, which runs to the end even if the request is
+    cancelled and which ``flush_settles`` waits for; returns a future done after the first
+    try, so a caller can wait for that and not for the retries."""
+    first_try = asyncio.get_running_loop().create_future()
+    task = asyncio.ensure_future(_settle_with_retries(store, reservation, tokens, clock, first_try))
+    _pending_settles.add(task)
+    task.add_done_callback(_pending_settles.discard)
+    return first_try
+
+
+async def _settle_with_retries(
+    store: Store,
+    reservation: Reservation,
+    tokens: int,
+    clock: Callable[[], float],
+    first_try: asyncio.Future[None],
+) -> None:
+    """Until a settle is written its hold stands in for the charge, but a hold counts only for
+    its TTL (an hour), while a charge of a day or balance key counts till midnight or for good:
+    so a store that is down is retried, for ``SETTLE_RETRY_S``. A settle still unwritten then
+    (or at shutdown) is logged with its reservation and tokens, to be charged by hand."""
+    delay, deadline = SETTLE_FIRST_RETRY_S, time.monotonic() + SETTLE_RETRY_S
+    try:
+        while True:
+            try:
+                await store.settle(reservation.id, tokens, clock())
+                return
+            except ReservationNotFound as exc:
+                log.error("settle of %s (%d tokens) failed: %s", reservation.id, tokens, exc)
+                return
+            except StoreUnavailable as exc:
+                if not first_try.done():
+                    first_try.set_result(None)
+                if time.monotonic() + delay > deadline:
+                    _log_unwritten(reservation, tokens, f"the store stayed unreachable: {exc}")
+                    return
+                log.warning("settle of %s failed, retrying in %g s: %s", reservation.id, delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+    except asyncio.CancelledError:
+        _log_unwritten(reservation, tokens, "given up at shutdown")
+        raise
+    finally:
+        if not first_try.done():
+            first_try.set_result(None)
+
+
+def _log_unwritten(reservation: Reservation, tokens: int, why: str) -> None:
+    log.error(
+        "settle of %s may be lost (%s): key %s, %d tokens (held %d); charge it by hand",
+        reservation.id,
+        why,
+        reservation.key_id,
+        tokens,
+        reservation.tokens,
+    )
 
 
 def _quota_refusal(exc: QuotaExceeded, window: Window) -> InsufficientQuota:
@@ -169,10 +234,18 @@ def _quota_message(tokens: int, usage: Usage, window: Window, wait: float | None
     )
 
 
-async def flush_settles() -> None:
-    """Wait for the settles still being written (called before the store closes)."""
+async def flush_settles(timeout_s: float = SHUTDOWN_SETTLE_WAIT_S) -> None:
+    """Wait for the settles still being written (called before the store closes); those still
+    retrying after ``timeout_s`` are given up, each logged with what it would have charged."""
+    deadline = time.monotonic() + timeout_s
     while _pending_settles:
-        await asyncio.gather(*_pending_settles, return_exceptions=True)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            for task in list(_pending_settles):
+                task.cancel()
+            await asyncio.gather(*_pending_settles, return_exceptions=True)
+            return
+        await asyncio.wait(list(_pending_settles), timeout=left)
 
 
 def bill_of(request: Request) -> Bill:

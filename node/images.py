@@ -249,6 +249,8 @@ async def _inline_remote(url: str, policy: ImagePolicy, where: str) -> str:
             data = await _fetch(url, policy, where)
     except (TimeoutError, httpx.TimeoutException):
         raise _bad_url(where, f"image fetch timed out after {policy.timeout_s:g}s") from None
+    except httpx.InvalidURL as exc:  # not an HTTPError: e.g. a control character in the path
+        raise _bad_url(where, f"the URL is not valid ({exc})") from None
     except httpx.HTTPError as exc:
         raise _bad_url(where, f"fetching the image failed ({type(exc).__name__})") from None
     mime = await asyncio.to_thread(_check_image, data, policy, where)

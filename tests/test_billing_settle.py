@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from node import billing
+from node.accounts import StoreUnavailable
 from node.accounts.plans import PLANS, Window, custom_plan
 from node.accounts.sqlite import SQLiteStore
 from node.billing import Bill, flush_settles
@@ -141,3 +143,93 @@ def test_a_request_blocked_only_by_the_keys_own_requests_in_flight_is_told_to_re
         await store.close()
 
     asyncio.run(body())
+
+
+class SlowReserveStore(SQLiteStore):
+    """The real store, with reservations held until the test lets them through."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = asyncio.Event()
+
+    async def reserve(self, key_id: str, tokens: int, now: float):  # type: ignore[no-untyped-def]
+        await self.gate.wait()
+        return await super().reserve(key_id, tokens, now)
+
+
+def test_a_client_leaving_while_its_hold_is_written_leaves_no_hold(tmp_path: Path) -> None:
+    """The store's write goes on after the request is cancelled; its hold is let go (nothing
+    ran for it), not left to block the key's quota for the hold's whole TTL."""
+
+    async def body() -> None:
+        store = SlowReserveStore(tmp_path / "f.db")
+        bill = await _bill(store)
+        reserving = asyncio.ensure_future(bill.reserve(5000))
+        await asyncio.sleep(0.05)
+        reserving.cancel()  # the client left
+        await asyncio.sleep(0)
+        store.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await reserving
+        await asyncio.sleep(0.1)  # the store's write lands
+        await flush_settles()
+        assert bill.reservation is None
+        assert (await store.usage(bill.key.id, 1000.0)).used == 0
+        charges = await store._run(
+            lambda c: c.execute("SELECT reserved, actual FROM charges").fetchall()
+        )
+        assert [tuple(r) for r in charges] == [(5000, 0)]
+        await store.close()
+
+    asyncio.run(body())
+
+
+class FlakySettleStore(SQLiteStore):
+    """The real store, whose settles fail as unreachable ``failures`` times first."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+
+    async def settle(self, reservation_id: str, actual_tokens: int, now: float):  # type: ignore[no-untyped-def]
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable("down")
+        return await super().settle(reservation_id, actual_tokens, now)
+
+
+def test_a_settle_is_retried_while_the_store_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A day or balance key's hold lapses after its TTL, its charge would not: the settle is
+    retried, and the caller waits for the first try only."""
+    monkeypatch.setattr(billing, "SETTLE_FIRST_RETRY_S", 0.01)
+
+    async def body() -> None:
+        store = FlakySettleStore(tmp_path / "g.db", failures=3)
+        bill = await _bill(store, "hobby")
+        await bill.reserve(100)
+        assert await asyncio.wait_for(bill.settle(30), 1) == 30
+        await flush_settles()
+        assert store.failures == 0
+        assert (await store.usage(bill.key.id, 1000.0 + 7200)).used == 30  # the hold lapsed
+        await store.close()
+
+    asyncio.run(body())
+
+
+def test_shutdown_gives_up_a_settle_that_cannot_be_written_and_logs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(billing, "SETTLE_FIRST_RETRY_S", 0.01)
+
+    async def body() -> None:
+        store = FlakySettleStore(tmp_path / "h.db", failures=10**6)
+        bill = await _bill(store, "hobby")
+        await bill.reserve(100)
+        await bill.settle(30)
+        await asyncio.wait_for(flush_settles(timeout_s=0.2), 2)
+        await store.close()
+
+    asyncio.run(body())
+    assert "may be lost (given up at shutdown)" in caplog.text and "30 tokens" in caplog.text

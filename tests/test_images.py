@@ -462,3 +462,8 @@ def test_too_many_images() -> None:
         and "too many images (3); the limit is 2" in info.value.message
     )
     assert len(asyncio.run(inline_images(messages, ImagePolicy(max_images=3)))) == 2
+
+
+def test_a_control_character_in_a_public_url_is_refused_not_raised() -> None:
+    """httpx rejects it when building the request, with an error that is no HTTPError."""
+    assert "not valid" in _refused("http://8.8.8.8/a\x01b", ImagePolicy())

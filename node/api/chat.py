@@ -9,6 +9,7 @@ generated (the prompt hook).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ from node.scheduler import Permit
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# The content parts a client may send. vLLM parses more (input_image, audio_url, video_url,
+# embeddings, parts with no type or with a cache uuid), and would fetch their URLs itself,
+# past the node's image checks (private addresses, sizes, the image count).
+PART_TYPES = ("text", "image_url", "refusal")
 MAX_CHOICES = 128  # OpenAI's bound on n: one request (one slot) must not hold the whole engine
 
 
@@ -158,8 +163,9 @@ def _check_choices(n: Any) -> None:
 
 
 def _check_messages(messages: Any) -> None:
-    """400 for no message at all, or a role OpenAI does not define, as OpenAI answers them:
-    vLLM would pass any role on to the chat template, which renders it as if it were one."""
+    """400 for no message at all, a role OpenAI does not define (vLLM would pass any role on
+    to the chat template, which renders it as if it were one), or a content part other than
+    ``PART_TYPES``, as OpenAI answers them."""
     if not isinstance(messages, list):
         return  # vLLM's validation names the problem
     if not messages:
@@ -177,6 +183,35 @@ def _check_messages(messages: Any) -> None:
                 param=f"messages[{i}].role",
                 code="invalid_value",
             )
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                _check_part(part, f"messages[{i}].content[{j}]")
+
+
+def _check_part(part: Any, where: str) -> None:
+    if not isinstance(part, dict):
+        return  # vLLM's validation names the problem
+    kind = part.get("type")
+    if kind is None:
+        raise InvalidRequest(
+            f"Missing required parameter: '{where}.type'.",
+            param=f"{where}.type",
+            code="missing_required_parameter",
+        )
+    if kind not in PART_TYPES:
+        supported = ", ".join(f"'{t}'" for t in PART_TYPES)
+        raise InvalidRequest(
+            f"Invalid value: {json.dumps(kind)}. Supported values are: {supported}.",
+            param=f"{where}.type",
+            code="invalid_value",
+        )
+    if "uuid" in part:  # a cache key of vLLM's: one client could name another's image
+        raise InvalidRequest(
+            f"Unrecognized request argument supplied: {where}.uuid",
+            param=f"{where}.uuid",
+            code="unsupported_parameter",
+        )
 
 
 def _count_images(body: dict[str, Any], entry: ModelEntry) -> int:

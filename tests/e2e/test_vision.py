@@ -129,3 +129,41 @@ def test_undecodable_image_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         _ask(client, "gemma4:31b", "data:image/png;base64," + base64.b64encode(b"junk").decode())
     assert info.value.code == "invalid_image"
+
+
+def _send_part(client: openai.OpenAI, model: str, part: dict) -> None:
+    text = {"type": "text", "text": "What is in the image?"}
+    client.chat.completions.create(
+        model=model,
+        max_tokens=8,
+        messages=[{"role": "user", "content": [part, text]}],  # type: ignore[list-item]
+    )
+
+
+@pytest.mark.parametrize("model", ["gemma4:31b", "qwen3.5:9b"])
+def test_other_part_shapes_cannot_carry_a_url_past_the_checks(
+    client: openai.OpenAI, servers: tuple[_Server, _Server], model: str
+) -> None:
+    """vLLM parses more part shapes than OpenAI's and would fetch their URLs itself, past the
+    node's checks: only text, image_url and refusal parts get through, and no cache uuid."""
+    _, canary = servers
+    url = f"http://127.0.0.1:{canary.port}/secret"
+    cases = [
+        ({"type": "input_image", "image_url": url}, "invalid_value", ".type"),
+        ({"type": "video_url", "video_url": {"url": url}}, "invalid_value", ".type"),
+        ({"type": "audio_url", "audio_url": {"url": url}}, "invalid_value", ".type"),
+        ({"image_url": {"url": url}}, "missing_required_parameter", ".type"),
+        ({"type": "image_url", "image_url": {"url": DATA_URL}, "uuid": "x"}, None, ".uuid"),
+    ]
+    for part, code, param in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            _send_part(client, model, part)
+        assert info.value.param == f"messages[0].content[0]{param}", part
+        assert code is None or info.value.code == code, part
+    assert canary.hits == []
+
+
+def test_a_url_with_a_control_character_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        _ask(client, "gemma4:31b", "http://8.8.8.8/a\u0001b")
+    assert info.value.code == "invalid_image_url"
