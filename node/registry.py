@@ -49,7 +49,9 @@ class ModelState(StrEnum):
 
 
 class ModelEntry:
-    def __init__(self, spec: ModelSpec, factory: EngineFactory) -> None:
+    def __init__(
+        self, spec: ModelSpec, factory: EngineFactory, load_lock: asyncio.Lock | None = None
+    ) -> None:
         self.spec = spec
         self.slots = SlotPool(spec.slots, spec.queue_timeout_ms)
         self.state = ModelState.LOADING
@@ -60,6 +62,7 @@ class ModelEntry:
         self._state_since = time.monotonic()
         self._last_load_s: float | None = None
         self._dead = asyncio.Event()
+        self._load_lock = load_lock or asyncio.Lock()
 
     def _set(self, state: ModelState, error: str | None = None) -> None:
         self.state, self.error, self._state_since = state, error, time.monotonic()
@@ -101,8 +104,9 @@ class ModelEntry:
         started = time.monotonic()
         engine: Any = None
         try:
-            engine = self._factory(self.spec)
-            await engine.start()
+            async with self._load_lock:
+                engine = self._factory(self.spec)
+                await engine.start()
         except asyncio.CancelledError:
             if engine is not None:
                 with contextlib.suppress(Exception):
@@ -173,8 +177,17 @@ class ModelEntry:
 
 
 class Registry:
+    """The node's models by public name, each loaded and watched by a task of its own.
+
+    Models load one at a time, in the models file's order (restarts too): vLLM sizes its KV
+    cache from the drop in the GPU's free memory while it profiles, so another model loading
+    on the same GPU meanwhile would count as its own use (a cache too small, or vLLM's check
+    that free memory never rises during profiling failing the load).
+    """
+
     def __init__(self, specs: list[ModelSpec], factory: EngineFactory) -> None:
-        self.entries = [ModelEntry(spec, factory) for spec in specs]
+        loading = asyncio.Lock()
+        self.entries = [ModelEntry(spec, factory, loading) for spec in specs]
         self._by_name = {name: e for e in self.entries for name in e.spec.public_names}
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -127,3 +127,34 @@ def test_resolve_names_aliases_and_kinds() -> None:
         registry.resolve("other", ModelKind.EMBEDDING)
     with pytest.raises(WrongModelKind):
         registry.resolve("m", ModelKind.CHAT)
+
+
+def test_models_load_one_at_a_time_in_the_files_order() -> None:
+    """On a GPU each vLLM engine measures its memory while it loads: no two loads overlap."""
+    starts: list[str] = []
+    running: set[str] = set()
+    overlaps: list[set[str]] = []
+
+    class TimedEngine(ScriptedEngine):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        async def start(self) -> None:
+            starts.append(self.name)
+            running.add(self.name)
+            if len(running) > 1:
+                overlaps.append(set(running))
+            await asyncio.sleep(0.02)
+            running.discard(self.name)
+
+    specs = [ModelSpec(name=n, kind=ModelKind.EMBEDDING, path="/nowhere") for n in "abc"]
+
+    async def scenario() -> None:
+        models = Registry(specs, lambda spec: TimedEngine(spec.name))
+        models.start()
+        await _until(lambda: models.all_ready)
+        await models.stop()
+
+    asyncio.run(scenario())
+    assert starts == ["a", "b", "c"] and overlaps == []
