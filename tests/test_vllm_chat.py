@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from node.engines.base import UsageMeter
 from node.engines.vllm_chat import (
     VllmChatEngine,
     _parse_args,
+    build_or_abandon,
     engine_cli_args,
     error_from_vllm,
     refuse_loose_scalars,
@@ -282,3 +284,37 @@ def test_stopping_cancels_the_output_handler_before_the_engine_goes() -> None:
         assert handler.cancelled()
 
     asyncio.run(scenario())
+
+
+class _Built:
+    def __init__(self) -> None:
+        self.shut_down = threading.Event()
+
+    def shutdown(self) -> None:
+        self.shut_down.set()
+
+
+def test_an_engine_still_building_when_the_node_stops_is_shut_down_once_built() -> None:
+    """The build thread cannot be stopped: what it builds must not outlive the node's stop."""
+    release, built = threading.Event(), _Built()
+
+    def build() -> _Built:
+        release.wait(5)
+        return built
+
+    async def scenario() -> None:
+        loading = asyncio.ensure_future(build_or_abandon(build))
+        await asyncio.sleep(0.05)
+        loading.cancel()  # SIGTERM while the model loads
+        with pytest.raises(asyncio.CancelledError):
+            await loading
+        release.set()
+        assert await asyncio.to_thread(built.shut_down.wait, 5)
+
+    asyncio.run(scenario())
+
+
+def test_a_built_engine_is_returned_and_left_running() -> None:
+    built = _Built()
+    assert asyncio.run(build_or_abandon(lambda: built)) is built
+    assert not built.shut_down.is_set()

@@ -12,8 +12,9 @@ import functools
 import json
 import logging
 import re
+import threading
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -130,7 +131,7 @@ class VllmChatEngine:
                 disable_log_stats=True,
             )
 
-        self._llm = await asyncio.to_thread(build)
+        self._llm = await build_or_abandon(build)
         await self._llm.reset_mm_cache()
         state = State()
         await init_app_state(self._llm, state, args, await self._llm.get_supported_tasks())
@@ -352,6 +353,36 @@ class VllmChatEngine:
             if handler is not None:
                 handler.cancel()
             await asyncio.to_thread(llm.shutdown)
+
+
+async def build_or_abandon(build: Callable[[], Any]) -> Any:
+    """``build()`` (an engine: blocking, minutes on a GPU) on a thread. If the caller is
+    cancelled meanwhile (the node stops while the model loads), the thread cannot be stopped,
+    so the engine it builds is shut down the moment it exists, not left running with its
+    processes and GPU memory."""
+    lock = threading.Lock()
+    abandoned = False
+    built: Any = None
+
+    def run() -> Any:
+        nonlocal built
+        engine = build()
+        with lock:
+            if not abandoned:
+                built = engine
+                return engine
+        engine.shutdown()
+        return None
+
+    try:
+        return await asyncio.to_thread(run)
+    except asyncio.CancelledError:
+        with lock:
+            abandoned = True
+            engine, built = built, None
+        if engine is not None:  # built, but its result was not taken: shut it down here
+            await asyncio.to_thread(engine.shutdown)
+        raise
 
 
 def asked_max_tokens(body: dict[str, Any]) -> Any:
