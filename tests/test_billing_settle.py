@@ -16,16 +16,23 @@ from node.billing import Bill, flush_settles
 from node.errors import InsufficientQuota
 
 
-class SlowSettleStore(SQLiteStore):
-    """The real store, with settles held until the test lets them through."""
+class GatedStore(SQLiteStore):
+    """The real store, with settles (or reservations) held until the test lets them through."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, held: str = "settle") -> None:
         super().__init__(path)
         self.gate = asyncio.Event()
+        self.held = held
 
     async def settle(self, reservation_id: str, actual_tokens: int, now: float):  # type: ignore[no-untyped-def]
-        await self.gate.wait()
+        if self.held == "settle":
+            await self.gate.wait()
         return await super().settle(reservation_id, actual_tokens, now)
+
+    async def reserve(self, key_id: str, tokens: int, now: float):  # type: ignore[no-untyped-def]
+        if self.held == "reserve":
+            await self.gate.wait()
+        return await super().reserve(key_id, tokens, now)
 
 
 async def _bill(store: SQLiteStore, plan: str = "agent-pro", tokens: int | None = None) -> Bill:
@@ -37,7 +44,7 @@ async def _bill(store: SQLiteStore, plan: str = "agent-pro", tokens: int | None 
 
 def test_exact_charge_settles_in_the_background_and_flushes(tmp_path: Path) -> None:
     async def body() -> None:
-        store = SlowSettleStore(tmp_path / "a.db")
+        store = GatedStore(tmp_path / "a.db")
         bill = await _bill(store)
         await bill.reserve(40)
         # Returns (the tokens charged) although the write is held.
@@ -59,7 +66,7 @@ def test_exact_charge_settles_in_the_background_and_flushes(tmp_path: Path) -> N
 
 def test_smaller_actual_is_written_before_settle_returns(tmp_path: Path) -> None:
     async def body() -> None:
-        store = SlowSettleStore(tmp_path / "b.db")
+        store = GatedStore(tmp_path / "b.db")
         bill = await _bill(store)
         await bill.reserve(100)
         settling = asyncio.ensure_future(bill.settle(30))
@@ -145,24 +152,12 @@ def test_a_request_blocked_only_by_the_keys_own_requests_in_flight_is_told_to_re
     asyncio.run(body())
 
 
-class SlowReserveStore(SQLiteStore):
-    """The real store, with reservations held until the test lets them through."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.gate = asyncio.Event()
-
-    async def reserve(self, key_id: str, tokens: int, now: float):  # type: ignore[no-untyped-def]
-        await self.gate.wait()
-        return await super().reserve(key_id, tokens, now)
-
-
 def test_a_client_leaving_while_its_hold_is_written_leaves_no_hold(tmp_path: Path) -> None:
     """The store's write goes on after the request is cancelled; its hold is let go (nothing
     ran for it), not left to block the key's quota for the hold's whole TTL."""
 
     async def body() -> None:
-        store = SlowReserveStore(tmp_path / "f.db")
+        store = GatedStore(tmp_path / "f.db", held="reserve")
         bill = await _bill(store)
         reserving = asyncio.ensure_future(bill.reserve(5000))
         await asyncio.sleep(0.05)
