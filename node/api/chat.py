@@ -63,6 +63,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     _check_choices(body.get("n"))
     if chat:
         _check_messages(body.get("messages"))
+    _check_logit_bias(body.get("logit_bias"))
     images = _count_images(body, entry) if chat else 0
     bill.refuse_hopeless(_least_tokens(body))
     permit = await admit(entry)
@@ -189,6 +190,24 @@ def _check_messages(messages: Any) -> None:
                 _check_part(part, f"messages[{i}].content[{j}]")
 
 
+def _check_logit_bias(bias: Any) -> None:
+    """OpenAI's range, as OpenAI refuses it: vLLM clamps a bias outside it silently."""
+    if not isinstance(bias, dict):
+        return  # absent, or vLLM's validation names the problem
+    for token, value in bias.items():
+        if _is_number(value) and not -100 <= value <= 100:
+            raise InvalidRequest(
+                f"Invalid 'logit_bias': the bias of token {token} is {value}; each must be "
+                "between -100 and 100.",
+                param="logit_bias",
+                code="invalid_value",
+            )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_part(part: Any, where: str) -> None:
     if not isinstance(part, dict):
         return  # vLLM's validation names the problem
@@ -205,6 +224,15 @@ def _check_part(part: Any, where: str) -> None:
             f"Invalid value: {json.dumps(kind)}. Supported values are: {supported}.",
             param=f"{where}.type",
             code="invalid_value",
+        )
+    if kind in ("text", "refusal") and not isinstance(part.get(kind), str):
+        missing = part.get(kind) is None
+        raise InvalidRequest(
+            f"Missing required parameter: '{where}.{kind}'."
+            if missing
+            else f"Invalid type for '{where}.{kind}': expected a string.",
+            param=f"{where}.{kind}",
+            code="missing_required_parameter" if missing else "invalid_type",
         )
     if "uuid" in part:  # a cache key of vLLM's: one client could name another's image
         raise InvalidRequest(

@@ -41,6 +41,8 @@ class _Rendering:
     """max_completion_tokens or max_tokens as the client sent it; None if it sent neither
     (vLLM's parsed request holds a default then: 16 on legacy completions)."""
     on_prompt: PromptHook | None
+    field: str = "max_tokens"
+    """The parameter that carried ``asked``, as errors name it."""
     prompt: int = 0
     """Set by the render step: the tokens of every prompt the engine will take in."""
 
@@ -164,15 +166,15 @@ class VllmChatEngine:
             rendering = _rendering.get()
             if not isinstance(inputs, list) or rendering is None:
                 return result  # an ErrorResponse (vLLM reports it), or not one of our calls
-            requested = rendering.asked
+            requested, field = rendering.asked, rendering.field
             prompts = [serving._extract_prompt_len(i) for i in inputs]
             prompt = max(prompts, default=0)
             if requested is not None and prompt + requested > window:
                 raise ContextLengthExceeded(
                     f"This model's context window is {window} tokens; the prompt has {prompt} "
-                    f"tokens and max_tokens asks for {requested} ({prompt} + {requested} = "
-                    f"{prompt + requested} > {window}). Shorten the prompt or lower max_tokens.",
-                    param="max_tokens",
+                    f"tokens and {field} asks for {requested} ({prompt} + {requested} = "
+                    f"{prompt + requested} > {window}). Shorten the prompt or lower {field}.",
+                    param=field,
                 )
             if requested is None and request.max_tokens is not None:
                 # vLLM's own default (16 on legacy completions), not the client's: the node's
@@ -252,13 +254,18 @@ class VllmChatEngine:
             # node strips what the client did not ask for.
             request.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=True)
         requested = asked_max_tokens(body)
+        field = (
+            "max_completion_tokens"
+            if body.get("max_completion_tokens") is not None
+            else "max_tokens"
+        )
         if requested is not None and requested >= self.spec.context_window:
             raise ContextLengthExceeded(
-                f"max_tokens asks for {requested} tokens, but this model's context window is "
-                f"{self.spec.context_window} tokens, prompt included. Lower max_tokens.",
-                param="max_tokens",
+                f"{field} asks for {requested} tokens, but this model's context window is "
+                f"{self.spec.context_window} tokens, prompt included. Lower {field}.",
+                param=field,
             )
-        rendering = _Rendering(asked=requested, on_prompt=on_prompt)
+        rendering = _Rendering(asked=requested, on_prompt=on_prompt, field=field)
         token = _rendering.set(rendering)
         try:
             result = await create(request, None)

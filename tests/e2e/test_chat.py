@@ -91,6 +91,13 @@ def test_prompt_plus_max_tokens_above_window_is_400_naming_both(client: openai.O
     assert err.code == "context_length_exceeded"
     message = str(err.body["message"])  # type: ignore[index]
     assert str(window) in message and str(window - 10) in message and "prompt" in message
+    assert err.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as info:  # errors name the field that was sent
+        client.chat.completions.create(
+            model="qwen3.5:9b", messages=QUESTION, max_completion_tokens=window - 10
+        )
+    assert info.value.param == "max_completion_tokens"
+    assert "max_completion_tokens asks for" in str(info.value.body["message"])  # type: ignore[index]
 
 
 def test_stream_options_without_stream_is_400_naming_it(client: openai.OpenAI) -> None:

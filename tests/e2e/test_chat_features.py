@@ -193,6 +193,35 @@ def test_unsupported_parameters_are_400_by_name(
     assert info.value.param == param
 
 
+@pytest.mark.parametrize(
+    ("part", "code", "param"),
+    [
+        ({"type": "text"}, "missing_required_parameter", "messages[0].content[0].text"),
+        ({"type": "text", "text": 5}, "invalid_type", "messages[0].content[0].text"),
+        ({"type": "image", "image": "x"}, "invalid_value", "messages[0].content[0].type"),
+    ],
+)
+def test_a_bad_content_part_is_400_naming_it(
+    client: openai.OpenAI, part: dict, code: str, param: str
+) -> None:
+    messages = [{"role": "user", "content": [part]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5)  # type: ignore[arg-type]
+    assert (info.value.code, info.value.param) == (code, param)
+
+
+def test_a_logit_bias_outside_openais_range_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=5, logit_bias={"42": 200}
+        )
+    assert (info.value.code, info.value.param) == ("invalid_value", "logit_bias")
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=5, logit_bias={"42": -100}
+    )
+    assert reply.choices[0].message.content is not None
+
+
 def test_a_role_openai_does_not_define_is_400_by_position(client: openai.OpenAI) -> None:
     messages = [*ASK, {"role": "assistant", "content": "Let me check."}]
     messages.append({"role": "wizard", "content": "It snows."})
