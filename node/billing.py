@@ -60,6 +60,28 @@ def store_down(exc: Exception) -> Unavailable:
     )
 
 
+class ShrinkingHolds:
+    """Tokens held by this node's requests in flight that will likely settle to less than they
+    hold (a chat holds prompt + max_tokens and pays what it produced), by key. An embeddings
+    or audio hold settles to itself, so waiting for it frees nothing."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, int] = {}
+
+    def add(self, key_id: str, tokens: int) -> None:
+        self._by_key[key_id] = self._by_key.get(key_id, 0) + tokens
+
+    def remove(self, key_id: str, tokens: int) -> None:
+        left = self._by_key.get(key_id, 0) - tokens
+        if left > 0:
+            self._by_key[key_id] = left
+        else:
+            self._by_key.pop(key_id, None)
+
+    def of(self, key_id: str) -> int:
+        return self._by_key.get(key_id, 0)
+
+
 @dataclass
 class Bill:
     store: Store
@@ -68,6 +90,9 @@ class Bill:
     clock: Callable[[], float] = time.time
     reservation: Reservation | None = None
     settled: bool = field(default=False)
+    shrinking: ShrinkingHolds = field(default_factory=ShrinkingHolds)
+    """Shared by every bill of the node (the middleware's): see ``_quota_refusal``."""
+    _shrinking_hold: int = field(default=0, init=False, repr=False)
 
     def headers(self) -> dict[str, str]:
         return {
@@ -76,8 +101,9 @@ class Bill:
             "X-RateLimit-Remaining-Tokens": str(self.usage.remaining),
         }
 
-    async def reserve(self, tokens: int) -> None:
-        """Hold ``tokens`` before the work; 429 insufficient_quota if the window can't fit it."""
+    async def reserve(self, tokens: int, *, may_shrink: bool = False) -> None:
+        """Hold ``tokens`` before the work; 429 insufficient_quota if the window can't fit it.
+        ``may_shrink``: the request will likely use less than it holds (chat)."""
         reserving = asyncio.ensure_future(self.store.reserve(self.key.id, tokens, self.clock()))
         try:
             self.reservation, self.usage = await asyncio.shield(reserving)
@@ -86,11 +112,14 @@ class Bill:
             raise
         except QuotaExceeded as exc:
             self.usage = exc.usage
-            raise _quota_refusal(exc, self.key.window) from None
+            raise _quota_refusal(exc, self.key.window, self.shrinking.of(self.key.id)) from None
         except KeyNotFound:
             raise Unauthorized("The API key was revoked.") from None
         except StoreUnavailable as exc:
             raise store_down(exc) from None
+        if may_shrink:
+            self._shrinking_hold = tokens
+            self.shrinking.add(self.key.id, tokens)
 
     def refuse_hopeless(self, tokens: int) -> None:
         """429 at once, before the request takes a slot, if at least ``tokens`` is more than the
@@ -118,6 +147,8 @@ class Bill:
         if self.reservation is None or self.settled:
             return 0
         self.settled = True
+        self.shrinking.remove(self.key.id, self._shrinking_hold)
+        self._shrinking_hold = 0
         tokens = max(0, actual_tokens)
         self.usage = Usage.of(self.usage.limit, self.usage.used - self.reservation.tokens + tokens)
         first_try = _write_settle(self.store, self.reservation, tokens, self.clock)
@@ -195,13 +226,14 @@ def _log_unwritten(reservation: Reservation, tokens: int, why: str) -> None:
     )
 
 
-def _quota_refusal(exc: QuotaExceeded, window: Window) -> InsufficientQuota:
+def _quota_refusal(exc: QuotaExceeded, window: Window, shrinking: int) -> InsufficientQuota:
     """The 429 for a reservation the store refused. When only the holds of the key's own
-    requests in flight stand in the way, the store's wait (holds counted as lasting until they
-    expire: an hour) would tell the client to give up, while the request fits as soon as those
-    requests settle: say so, and ask for a retry shortly."""
+    requests in flight that will likely shrink (``shrinking`` tokens: this node's chats) stand
+    in the way, the store's wait (holds counted as lasting until they expire: an hour) would
+    tell the client to give up, while the request may fit as soon as those requests settle:
+    say so, and ask for a retry shortly."""
     wait = exc.retry_after_s
-    if exc.fits_after_holds:
+    if exc.fits_if_freed(shrinking):
         usage = exc.usage
         running = "request" if exc.holds == 1 else f"{exc.holds} requests"
         return InsufficientQuota(
@@ -267,6 +299,7 @@ class AccountMiddleware:
         self.app = app
         self.store = store
         self.prefix = prefix
+        self.shrinking = ShrinkingHolds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
@@ -311,4 +344,4 @@ class AccountMiddleware:
             raise store_down(exc) from None
         if found is None:
             raise Unauthorized("Invalid API key.")
-        return Bill(self.store, *found)
+        return Bill(self.store, *found, shrinking=self.shrinking)

@@ -150,8 +150,8 @@ class MetricsMiddleware:
         finally:
             route = self.metrics.route_of(scope)
             self.metrics.requests.labels(route, str(status)).observe(time.perf_counter() - start)
-            if status >= 400:
-                code = scope.get("state", {}).get(ERROR_CODE_KEY, "none")
+            code = scope.get("state", {}).get(ERROR_CODE_KEY)
+            if code is not None:  # an error answer (not, say, /health/ready's 503 at start)
                 self.metrics.errors.labels(route, str(status), code).inc()
 
 

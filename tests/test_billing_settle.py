@@ -12,7 +12,7 @@ from node import billing
 from node.accounts import StoreUnavailable
 from node.accounts.plans import PLANS, Window, custom_plan
 from node.accounts.sqlite import SQLiteStore
-from node.billing import Bill, flush_settles
+from node.billing import Bill, ShrinkingHolds, flush_settles
 from node.errors import InsufficientQuota
 
 
@@ -133,19 +133,28 @@ def test_a_request_blocked_only_by_the_keys_own_requests_in_flight_is_told_to_re
         secret, _ = await store.create_key(custom_plan(1000, Window.HOUR), "t")
         found = await store.authenticate_usage(secret, 0.0)
         assert found is not None
-        running = Bill(store, *found, clock=lambda: 1000.0)
-        other = Bill(store, running.key, running.usage, clock=lambda: 1000.0)
-        await running.reserve(700)
+        holds = ShrinkingHolds()  # the node's, shared by its bills
+
+        def bill() -> Bill:
+            return Bill(store, *found, clock=lambda: 1000.0, shrinking=holds)
+
+        running, other = bill(), bill()
+        await running.reserve(700, may_shrink=True)  # a chat: prompt + max_tokens
         with pytest.raises(InsufficientQuota) as info:
             await other.reserve(400)
         refusal = info.value
         assert refusal.should_retry is True and refusal.retry_after_s == 2.0
         assert "700 are held by the key's request still running" in refusal.message
         await running.settle(100)  # the running request used little of its hold
+        assert holds.of(running.key.id) == 0
         await other.reserve(400)  # and the retry fits
-        # Not when the settled usage alone leaves no room: the wait is the window's.
+        # A hold that settles to itself (embeddings) frees nothing: the wait is the window's.
         with pytest.raises(InsufficientQuota) as info:
-            await Bill(store, running.key, other.usage, clock=lambda: 1000.0).reserve(950)
+            await bill().reserve(600)
+        assert info.value.retry_after_s == 3600.0 and "held" not in info.value.message
+        # So is it when the settled usage alone leaves no room.
+        with pytest.raises(InsufficientQuota) as info:
+            await bill().reserve(950)
         assert info.value.retry_after_s == 3600.0 and "held" not in info.value.message
         await store.close()
 

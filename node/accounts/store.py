@@ -83,10 +83,10 @@ class QuotaExceeded(Exception):
         self.held = held
         self.holds = holds
 
-    @property
-    def fits_after_holds(self) -> bool:
-        """Whether the request fits once the key's requests in flight have settled."""
-        return self.holds > 0 and self.usage.used - self.held + self.requested <= self.usage.limit
+    def fits_if_freed(self, tokens: int) -> bool:
+        """Whether the request fits once ``tokens`` of the key's holds are given back."""
+        freed = min(tokens, self.held)
+        return freed > 0 and self.usage.used - freed + self.requested <= self.usage.limit
 
     @property
     def retry_after(self) -> float:

@@ -29,7 +29,7 @@ from node.api.common import (
 from node.billing import bill_of
 from node.config import ModelKind
 from node.engines.base import ChatResult, EngineDead
-from node.engines.vllm_chat import asked_max_tokens
+from node.engines.vllm_chat import asked_max_tokens, refuse_max_tokens_past_window
 from node.errors import EngineError, InvalidRequest, NodeError, StreamStalled, sse_error_event
 from node.images import count_images, inline_images
 from node.metrics import Metrics
@@ -65,6 +65,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         _check_messages(body.get("messages"))
     _check_logit_bias(body.get("logit_bias"))
     images = _count_images(body, entry) if chat else 0
+    refuse_max_tokens_past_window(body, entry.spec.context_window)
     bill.refuse_hopeless(_least_tokens(body))
     permit = await admit(entry)
     metrics = request.app.state.metrics
@@ -72,7 +73,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
 
     async def on_prompt(prompt: int, max_tokens: int) -> None:
         nonlocal prompt_tokens
-        await bill.reserve(prompt + max_tokens)
+        await bill.reserve(prompt + max_tokens, may_shrink=True)
         prompt_tokens = prompt
 
     try:

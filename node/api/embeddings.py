@@ -46,6 +46,15 @@ class EmbeddingRequest(BaseModel):
         return items
 
 
+def _too_many_tokens(what: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Requested {what}, max {MAX_REQUEST_TOKENS} tokens per request (summed over the "
+        "inputs); split the inputs over several requests.",
+        param="input",
+        code="max_tokens_per_request",
+    )
+
+
 async def embeddings(request: Request) -> Response:
     registry: Registry = request.app.state.registry
     body = await read_json(request)
@@ -59,20 +68,19 @@ async def embeddings(request: Request) -> Response:
             "dimensions are not supported.",
             param="dimensions",
         )
+    engine.refuse_overlong(texts)
+    chars = sum(map(len, texts))
+    if chars > MAX_REQUEST_TOKENS * engine.max_chars_per_token:
+        raise _too_many_tokens(f"{chars} characters, more than {MAX_REQUEST_TOKENS} tokens hold")
     bill = bill_of(request)
     with await admit(entry):
-        if sum(map(len, texts)) > _INLINE_TOKENIZE_CHARS:  # big inputs: off the event loop
+        if chars > _INLINE_TOKENIZE_CHARS:  # big inputs: off the event loop
             counts = await asyncio.to_thread(engine.count_tokens, texts)
         else:
             counts = engine.count_tokens(texts)
         tokens = sum(counts)
         if tokens > MAX_REQUEST_TOKENS:
-            raise InvalidRequest(
-                f"Requested {tokens} tokens, max {MAX_REQUEST_TOKENS} tokens per request "
-                "(summed over the inputs); split the inputs over several requests.",
-                param="input",
-                code="max_tokens_per_request",
-            )
+            raise _too_many_tokens(f"{tokens} tokens")
         await bill.reserve(tokens)
         used = 0
         # One text is one encode, not worth watching for the client on the hot path.

@@ -107,6 +107,7 @@ class SentenceTransformerEngine:
         self._model: Any = None
         self._dimensions = 0
         self._counter: Any = None  # a tokenizer of its own for count_tokens (see start)
+        self.max_chars_per_token = 0  # the vocabulary's longest token (see refuse_overlong)
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._encoder: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,6 +122,7 @@ class SentenceTransformerEngine:
         self._encoder.start()
         await loaded
         self._counter = _plain_counter(self._model.tokenizer)
+        self.max_chars_per_token = max(map(len, self._counter.get_vocab()), default=1)
 
     @property
     def dead(self) -> bool:
@@ -129,6 +131,23 @@ class SentenceTransformerEngine:
     @property
     def dimensions(self) -> int:
         return self._dimensions
+
+    def refuse_overlong(self, texts: list[str]) -> None:
+        """400 for an input with more characters than the window's tokens could hold at the
+        vocabulary's longest token (as vLLM bounds prompts): tokenizing megabytes only to
+        refuse them would hold a slot and a core for minutes, for free."""
+        window = self.spec.context_window
+        if not window:
+            return
+        bound = window * self.max_chars_per_token
+        for i, text in enumerate(texts):
+            if len(text) > bound:
+                raise ContextLengthExceeded(
+                    f"Input {i} has {len(text)} characters, more than {window} tokens can "
+                    f"hold ({bound}); the model {self.spec.name} accepts at most {window} "
+                    "tokens per input.",
+                    param="input",
+                )
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per input as the model sees them (special tokens included); 400 for an input

@@ -253,19 +253,9 @@ class VllmChatEngine:
             # Usage in every chunk, so a stream cut short still knows what it produced; the
             # node strips what the client did not ask for.
             request.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=True)
+        # max_tokens past the window was refused by the route (refuse_max_tokens_past_window)
         requested = asked_max_tokens(body)
-        field = (
-            "max_completion_tokens"
-            if body.get("max_completion_tokens") is not None
-            else "max_tokens"
-        )
-        if requested is not None and requested >= self.spec.context_window:
-            raise ContextLengthExceeded(
-                f"{field} asks for {requested} tokens, but this model's context window is "
-                f"{self.spec.context_window} tokens, prompt included. Lower {field}.",
-                param=field,
-            )
-        rendering = _Rendering(asked=requested, on_prompt=on_prompt, field=field)
+        rendering = _Rendering(requested, on_prompt, field=max_tokens_field(body))
         token = _rendering.set(rendering)
         try:
             result = await create(request, None)
@@ -390,6 +380,26 @@ async def build_or_abandon(build: Callable[[], Any]) -> Any:
         if engine is not None:  # built, but its result was not taken: shut it down here
             await asyncio.to_thread(engine.shutdown)
         raise
+
+
+def max_tokens_field(body: dict[str, Any]) -> str:
+    """The parameter that carries the client's max_tokens, as errors name it."""
+    return (
+        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+
+
+def refuse_max_tokens_past_window(body: dict[str, Any], window: int) -> None:
+    """400 context_length_exceeded for a max_tokens no prompt leaves room for: the doc's
+    answer, whatever the key's plan (checked before the quota, which would say 429)."""
+    requested = asked_max_tokens(body)
+    if isinstance(requested, int) and not isinstance(requested, bool) and requested >= window:
+        field = max_tokens_field(body)
+        raise ContextLengthExceeded(
+            f"{field} asks for {requested} tokens, but this model's context window is "
+            f"{window} tokens, prompt included. Lower {field}.",
+            param=field,
+        )
 
 
 def asked_max_tokens(body: dict[str, Any]) -> Any:

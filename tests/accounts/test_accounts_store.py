@@ -71,7 +71,8 @@ def test_reserve_settle_idempotent(run: Runner) -> None:
             await s.reserve(rec.id, 401, T0 + 10)
         assert exc.value.usage == Usage(1000, 600, 400)
         assert exc.value.retry_after_s == pytest.approx(3590)
-        assert (exc.value.held, exc.value.holds, exc.value.fits_after_holds) == (600, 1, True)
+        assert (exc.value.held, exc.value.holds) == (600, 1)
+        assert exc.value.fits_if_freed(1) and not exc.value.fits_if_freed(0)
         assert await s.settle(r1.id, 100, T0 + 20) == Usage(1000, 100, 900)
         for _ in range(2):  # a repeated settle (retry, duplicate) changes nothing
             assert await s.settle(r1.id, 900, T0 + 30) == Usage(1000, 100, 900)
@@ -82,7 +83,8 @@ def test_reserve_settle_idempotent(run: Runner) -> None:
         with pytest.raises(QuotaExceeded) as exc:
             await s.reserve(rec.id, 1001, T0 + 3640)
         assert exc.value.retry_after_s is None  # bigger than the whole window
-        assert (exc.value.held, exc.value.holds, exc.value.fits_after_holds) == (0, 0, False)
+        assert (exc.value.held, exc.value.holds) == (0, 0)
+        assert not exc.value.fits_if_freed(1000)
 
     run(body)
 

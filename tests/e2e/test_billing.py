@@ -232,6 +232,17 @@ def test_request_over_the_whole_limit_is_429_no_retry(node: NodeProcess) -> None
     assert node.used_tokens(key) == 0  # nothing charged for a refused request
 
 
+def test_max_tokens_past_the_window_is_400_whatever_the_plan(node: NodeProcess) -> None:
+    """A client's bug, not a quota matter: the doc's 400 before the plan's 429."""
+    key = node.create_key("--plan", "custom", "--limit-tokens", "50", "--window", "hour")
+    r = httpx.post(
+        node.base_url + "/v1/chat/completions",
+        headers=_headers(key),
+        json={"model": "qwen3.5:9b", "messages": QUESTION, "max_tokens": 10**9},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_spent_daily_cap_is_429_with_true_retry_after(node: NodeProcess) -> None:
     key = node.create_key("--plan", "custom", "--limit-tokens", "120", "--window", "day")
     client = openai.OpenAI(api_key=key, base_url=node.base_url + "/v1", max_retries=0)

@@ -62,6 +62,24 @@ def test_more_than_300k_tokens_in_one_request_is_400_and_costs_nothing(
     assert len(fits.data) == 4
 
 
+def test_inputs_too_long_to_fit_are_refused_by_their_length_before_tokenizing(
+    node: NodeProcess,
+) -> None:
+    """Megabytes of text are refused on their character count (no token count can fit them),
+    not tokenized first at the node's expense."""
+    key = node.create_key("--plan", "agent-pro")
+    client = openai.OpenAI(api_key=key, base_url=node.base_url + "/v1", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=MODEL, input=["hej", "word " * 400_000])
+    assert info.value.code == "context_length_exceeded" and info.value.param == "input"
+    assert "Input 1 has 2000000 characters" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=MODEL, input=["ord " * 1000] * 2048)
+    assert info.value.code == "max_tokens_per_request"
+    assert "Requested 8192000 characters" in info.value.message
+    assert node.used_tokens(key) == 0
+
+
 def test_chat_model_on_embeddings_route_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model="qwen3.5:9b", input="hej")
