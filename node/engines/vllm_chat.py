@@ -11,6 +11,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import re
 import threading
 import typing
@@ -144,6 +145,7 @@ class VllmChatEngine:
             # the node means it as the default when a request omits max_tokens (which
             # default_sampling_params still carries), so lift the cap.
             serving.override_max_tokens = None
+        _rank_top_logprobs(self._chat)
         self._guard_context_window(self._chat, "render_chat_request")
         self._guard_context_window(self._completion, "render_completion_request")
 
@@ -350,6 +352,28 @@ class VllmChatEngine:
             if handler is not None:
                 handler.cancel()
             await asyncio.to_thread(llm.shutdown)
+
+
+def _rank_top_logprobs(serving: Any) -> None:
+    """``top_logprobs`` as OpenAI gives them: the k most likely tokens, most likely first.
+
+    vLLM's logprobs of a step hold the sampled token first, then the top k by rank; its chat
+    serving keeps the first k in that order, so when the sampled token is not among the top k
+    it comes first and the k-th most likely is dropped. Ordering by rank first fixes both.
+    """
+    top = serving._get_top_logprobs
+
+    def ranked(logprobs: dict, top_logprobs: int | None, *args: Any, **kwargs: Any) -> Any:
+        if top_logprobs and top_logprobs > 0 and len(logprobs) > 1:
+            logprobs = dict(sorted(logprobs.items(), key=_by_rank))
+        return top(logprobs, top_logprobs, *args, **kwargs)
+
+    serving._get_top_logprobs = ranked
+
+
+def _by_rank(item: tuple[int, Any]) -> float:
+    rank = item[1].rank
+    return math.inf if rank is None else rank
 
 
 async def build_or_abandon(build: Callable[[], Any]) -> Any:

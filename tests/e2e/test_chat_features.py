@@ -122,6 +122,34 @@ def test_sdk_sampling_parameters_take_effect(client: openai.OpenAI) -> None:
     assert reply.usage and reply.usage.completion_tokens <= 10
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_top_logprobs_are_the_k_most_likely_most_likely_first(
+    client: openai.OpenAI, stream: bool
+) -> None:
+    """Sampled at temperature 1.5, some tokens are not among the 5 most likely: they must
+    not take the place of the 5th (vLLM listed the sampled token first)."""
+    asked = dict(
+        model=MODEL, messages=ASK, max_tokens=16, seed=1, temperature=1.5,
+        logprobs=True, top_logprobs=5, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    if stream:
+        chunks = client.chat.completions.create(**asked, stream=True)  # type: ignore[call-overload]
+        steps = [t for c in chunks if c.choices and c.choices[0].logprobs
+                 for t in c.choices[0].logprobs.content or []]  # fmt: skip
+    else:
+        reply = client.chat.completions.create(**asked)  # type: ignore[call-overload]
+        steps = reply.choices[0].logprobs.content
+    assert len(steps) == 16
+    outside = 0
+    for step in steps:
+        top = [t.logprob for t in step.top_logprobs]
+        assert len(top) == 5 and top == sorted(top, reverse=True), step
+        if step.token not in [t.token for t in step.top_logprobs]:
+            outside += 1
+            assert step.logprob <= top[-1], step
+    assert outside > 0  # the case that matters did occur
+
+
 def test_stop_sequence_stops(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=MODEL,
