@@ -250,6 +250,10 @@ class VllmChatEngine:
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             # Older validators raise plain exceptions for the same: a 400 too.
             raise InvalidRequest(f"Invalid request: {exc}", param=_field_named(str(exc))) from None
+        if (request.n or 1) > 1 and request.temperature == 0:
+            # OpenAI gives n greedy choices; vLLM refuses n > 1 with greedy sampling. Sampling
+            # from the single most likely token is greedy decoding by another name.
+            request.temperature, request.top_k = 1.0, 1
         wants_usage = UsageWish.of(request)
         if request.stream:
             # Usage in every chunk, so a stream cut short still knows what it produced; the

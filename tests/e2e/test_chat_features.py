@@ -150,6 +150,16 @@ def test_top_logprobs_are_the_k_most_likely_most_likely_first(
     assert outside > 0  # the case that matters did occur
 
 
+def test_n_greedy_choices_at_temperature_0(client: openai.OpenAI) -> None:
+    """OpenAI answers n > 1 at temperature 0 (vLLM refused it): n copies of the greedy reply."""
+    alone = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8, temperature=0)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=8, temperature=0, n=3
+    )
+    texts = {c.message.content for c in reply.choices}
+    assert len(reply.choices) == 3 and texts == {alone.choices[0].message.content}
+
+
 def test_stop_sequence_stops(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(
         model=MODEL,
