@@ -125,6 +125,12 @@ def test_unknown_parameters_are_refused_by_name() -> None:
     with pytest.raises(InvalidRequest) as info:
         refuse_unknown_fields({**ok, "modalities": ["audio"]}, ChatCompletionRequest)
     assert info.value.param == "modalities" and info.value.code == "unsupported_parameter"
+    refuse_unknown_fields({**ok, "top_k": 5, "ignore_eos": True}, ChatCompletionRequest)
+    for reserved in ("mm_processor_kwargs", "request_id", "chat_template", "vllm_xargs"):
+        assert reserved in ChatCompletionRequest.model_fields  # known to vLLM, all the same:
+        with pytest.raises(InvalidRequest) as info:
+            refuse_unknown_fields({**ok, reserved: {}}, ChatCompletionRequest)
+        assert info.value.param == reserved
 
 
 @pytest.mark.parametrize(

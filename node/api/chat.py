@@ -43,6 +43,14 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 # embeddings, parts with no type or with a cache uuid), and would fetch their URLs itself,
 # past the node's image checks (private addresses, sizes, the image count).
 PART_TYPES = ("text", "image_url", "refusal")
+PART_TYPES_BY_ROLE = {  # as OpenAI takes them: images from the user only
+    "system": ("text",),
+    "developer": ("text",),
+    "user": ("text", "image_url"),
+    "assistant": ("text", "refusal"),
+    "tool": ("text",),
+    "function": ("text",),
+}
 MAX_CHOICES = 128  # OpenAI's bound on n: one request (one slot) must not hold the whole engine
 
 
@@ -64,6 +72,13 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     if chat:
         _check_messages(body.get("messages"))
     _check_logit_bias(body.get("logit_bias"))
+    if chat and body.get("parallel_tool_calls") is not None and not body.get("tools"):
+        raise InvalidRequest(
+            "Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only allowed "
+            "when 'tools' are specified.",
+            param="parallel_tool_calls",
+            code="invalid_value",
+        )
     images = _count_images(body, entry) if chat else 0
     refuse_max_tokens_past_window(body, entry.spec.context_window)
     bill.refuse_hopeless(_least_tokens(body))
@@ -167,7 +182,8 @@ def _check_choices(n: Any) -> None:
 def _check_messages(messages: Any) -> None:
     """400 for no message at all, a role OpenAI does not define (vLLM would pass any role on
     to the chat template, which renders it as if it were one), or a content part other than
-    ``PART_TYPES``, as OpenAI answers them."""
+    its role's ``PART_TYPES_BY_ROLE``, or a tool message with no tool_call_id, as OpenAI
+    answers them."""
     if not isinstance(messages, list):
         return  # vLLM's validation names the problem
     if not messages:
@@ -185,10 +201,19 @@ def _check_messages(messages: Any) -> None:
                 param=f"messages[{i}].role",
                 code="invalid_value",
             )
-        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            continue  # vLLM's validation names the problem
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise InvalidRequest(
+                f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                param=f"messages[{i}].tool_call_id",
+                code="missing_required_parameter",
+            )
+        content = message.get("content")
         if isinstance(content, list):
+            allowed = PART_TYPES_BY_ROLE.get(role, PART_TYPES)
             for j, part in enumerate(content):
-                _check_part(part, f"messages[{i}].content[{j}]")
+                _check_part(part, f"messages[{i}].content[{j}]", allowed)
 
 
 def _check_logit_bias(bias: Any) -> None:
@@ -209,7 +234,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_part(part: Any, where: str) -> None:
+def _check_part(part: Any, where: str, allowed: tuple[str, ...]) -> None:
     if not isinstance(part, dict):
         return  # vLLM's validation names the problem
     kind = part.get("type")
@@ -219,8 +244,8 @@ def _check_part(part: Any, where: str) -> None:
             param=f"{where}.type",
             code="missing_required_parameter",
         )
-    if kind not in PART_TYPES:
-        supported = ", ".join(f"'{t}'" for t in PART_TYPES)
+    if kind not in allowed:
+        supported = ", ".join(f"'{t}'" for t in allowed)
         raise InvalidRequest(
             f"Invalid value: {json.dumps(kind)}. Supported values are: {supported}.",
             param=f"{where}.type",

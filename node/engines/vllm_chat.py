@@ -449,11 +449,24 @@ HARMLESS_FIELDS = frozenset(
 )
 
 
+# vLLM request fields that reach past what the node controls: media processing and fetching
+# (the image checks, their pixel and count limits), the engine's request id, its cache and
+# disaggregation plumbing, a chat template of the client's, scheduling priority.
+OPERATOR_FIELDS = frozenset(
+    {
+        "mm_processor_kwargs", "media_io_kwargs", "mm_payload", "return_mm_kwargs",
+        "request_id", "kv_transfer_params", "ec_transfer_params", "vllm_xargs",
+        "chat_template", "priority", "routed_experts_prompt_start",
+    }
+)  # fmt: skip
+
+
 def refuse_unknown_fields(body: dict[str, Any], model: Any) -> None:
     """400 naming a parameter vLLM does not know, instead of silently ignoring it (vLLM's own
-    models accept and drop extra fields), since ignoring it could change what the client gets."""
+    models accept and drop extra fields), since ignoring it could change what the client gets;
+    and one of ``OPERATOR_FIELDS``, which vLLM knows but the node keeps for itself."""
     known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
-    unknown = sorted(set(body) - known - HARMLESS_FIELDS)
+    unknown = sorted((set(body) - known - HARMLESS_FIELDS) | (set(body) & OPERATOR_FIELDS))
     if unknown:
         raise InvalidRequest(
             f"Unsupported parameter{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}.",

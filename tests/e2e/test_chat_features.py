@@ -248,6 +248,33 @@ def test_a_bad_content_part_is_400_naming_it(
     assert (info.value.code, info.value.param) == (code, param)
 
 
+def test_messages_openai_refuses_are_400_naming_the_field(client: openai.OpenAI) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    cases = [  # images only from the user; a tool reply names its call
+        ([{"role": "system", "content": [image]}, *ASK], "messages[0].content[0].type"),
+        ([*ASK, {"role": "assistant", "content": [image]}], "messages[1].content[0].type"),
+        ([*ASK, {"role": "tool", "content": "42"}], "messages[1].tool_call_id"),
+    ]
+    for messages, param in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="gemma4:31b", messages=messages, max_tokens=5)  # type: ignore[arg-type]
+        assert info.value.param == param
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=5, parallel_tool_calls=False
+        )
+    assert info.value.param == "parallel_tool_calls"
+
+
+def test_vllm_fields_the_node_keeps_for_itself_are_refused(client: openai.OpenAI) -> None:
+    for field, value in (("mm_processor_kwargs", {"size": 10**6}), ("request_id", "x")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model=MODEL, messages=ASK, max_tokens=5, extra_body={field: value}
+            )
+        assert (info.value.code, info.value.param) == ("unsupported_parameter", field)
+
+
 def test_a_logit_bias_outside_openais_range_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
