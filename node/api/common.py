@@ -64,6 +64,13 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+MAX_JSON_SEPARATORS = 1_000_000
+"""json.loads holds the event loop (and the GIL) while it builds the body's values: 64 MB of
+small numbers take over a second, every request waiting. More commas than this is far past
+any real request here (a chat's window is at most 262,144 tokens; embeddings take 300,000
+tokens a request), so counting them (40 ms for 64 MB) refuses such a body before parsing."""
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     """The body as a JSON object; 413 past the configured size (read in chunks, never whole)."""
     limit: int = request.app.state.settings.max_json_bytes
@@ -80,6 +87,12 @@ async def read_json(request: Request) -> dict[str, Any]:
     except ClientDisconnect:
         raise ClientClosedRequest("The client closed the connection mid-body.") from None
     raw = b"".join(parts)
+    if len(raw) > MAX_JSON_SEPARATORS and raw.count(b",") > MAX_JSON_SEPARATORS:
+        raise PayloadTooLarge(
+            f"The request body holds more than {MAX_JSON_SEPARATORS} commas: more values than "
+            "any request here can use.",
+            code="request_too_large",
+        )
     try:
         # Strict UTF-8 (JSON's encoding): json.loads of bytes would let encoded surrogates in.
         body = json.loads(raw.decode("utf-8"))

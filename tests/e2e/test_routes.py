@@ -175,6 +175,18 @@ def test_json_body_over_the_cap_is_413(node: NodeProcess, api_key: str) -> None:
     assert _assert_error_shape(chunked, 413)["code"] == "request_too_large"
 
 
+def test_a_body_of_a_million_small_values_is_refused_before_parsing(
+    node: NodeProcess, api_key: str
+) -> None:
+    """Parsing them would hold the event loop for everyone; no request here needs so many."""
+    auth = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+    values = b",".join([b"0"] * 1_000_002)
+    body = b'{"model": "bge-m3:latest", "input": [' + values + b"]}"
+    r = httpx.post(node.base_url + "/v1/embeddings", content=body, headers=auth, timeout=60)
+    error = _assert_error_shape(r, 413)
+    assert error["code"] == "request_too_large" and "commas" in error["message"]
+
+
 def test_browsers_get_cors_without_a_key_for_the_preflight(node: NodeProcess, api_key: str) -> None:
     """As OpenAI's API: a web app may call the node with its bearer key, and read the
     X-RateLimit-* headers."""
