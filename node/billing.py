@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,7 +48,7 @@ again shortly rather than told a wait."""
 SETTLE_RETRY_S = 300.0  # how long a settle is retried while the store is unreachable
 SETTLE_FIRST_RETRY_S = 0.5  # the first pause between tries; it doubles, up to 10 s
 SHUTDOWN_SETTLE_WAIT_S = 15.0  # how long shutdown waits for settles still retrying
-_pending_settles: set[asyncio.Task[None]] = set()
+_pending_settles: set[asyncio.Future[Any]] = set()
 
 
 def store_down(exc: Exception) -> Unavailable:
@@ -109,6 +110,8 @@ class Bill:
             self.reservation, self.usage = await asyncio.shield(reserving)
         except asyncio.CancelledError:
             reserving.add_done_callback(self._release_orphan)
+            _pending_settles.add(reserving)  # shutdown waits for it and for its release
+            reserving.add_done_callback(_pending_settles.discard)
             raise
         except QuotaExceeded as exc:
             self.usage = exc.usage
@@ -207,6 +210,9 @@ async def _settle_with_retries(
                 log.warning("settle of %s failed, retrying in %g s: %s", reservation.id, delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+            except Exception as exc:  # e.g. the store closed under it: nothing to retry
+                _log_unwritten(reservation, tokens, f"{type(exc).__name__}: {exc}")
+                return
     except asyncio.CancelledError:
         _log_unwritten(reservation, tokens, "given up at shutdown")
         raise

@@ -30,6 +30,9 @@ _EXPECTED_LOAD_S = {ModelKind.CHAT: 60.0, ModelKind.EMBEDDING: 10.0, ModelKind.T
 _WATCH_INTERVAL_S = 1.0
 _MAX_BACKOFF_S = 60.0
 _FIRST_RETRY_S = 5.0
+LOAD_TIMEOUT_S = 1800.0
+"""A load that takes longer fails (and is tried again): loads run one at a time, so a hung one
+would otherwise keep every other model from loading or restarting."""
 
 
 def freeze_gc_heap() -> None:
@@ -101,24 +104,28 @@ class ModelEntry:
             self._dead.set()
 
     async def load(self) -> bool:
+        """Start an engine, holding the registry's load lock from start to, on failure, the
+        engine's teardown (its processes freeing GPU memory count as much as a load)."""
         started = time.monotonic()
-        engine: Any = None
-        try:
-            async with self._load_lock:
+        async with self._load_lock:
+            engine: Any = None
+            try:
                 engine = self._factory(self.spec)
-                await engine.start()
-        except asyncio.CancelledError:
-            if engine is not None:
-                with contextlib.suppress(Exception):
-                    await engine.stop()
-            raise
-        except Exception as exc:
-            log.exception("model %s failed to load", self.spec.name)
-            if engine is not None:
-                with contextlib.suppress(Exception):
-                    await engine.stop()
-            self._set(ModelState.FAILED, f"{type(exc).__name__}: {exc}")
-            return False
+                await asyncio.wait_for(engine.start(), LOAD_TIMEOUT_S)
+            except asyncio.CancelledError:
+                if engine is not None:
+                    with contextlib.suppress(Exception):
+                        await engine.stop()
+                raise
+            except Exception as exc:
+                if isinstance(exc, TimeoutError):
+                    exc = TimeoutError(f"the load took more than {LOAD_TIMEOUT_S:.0f} s")
+                log.error("model %s failed to load: %s", self.spec.name, exc, exc_info=exc)
+                if engine is not None:
+                    with contextlib.suppress(Exception):
+                        await engine.stop()
+                self._set(ModelState.FAILED, f"{type(exc).__name__}: {exc}")
+                return False
         self.engine = engine
         self._last_load_s = time.monotonic() - started
         self._dead.clear()
@@ -149,8 +156,9 @@ class ModelEntry:
             self._set(ModelState.RESTARTING, "engine died")
             self.restarts += 1
             old, self.engine = self.engine, None
-            with contextlib.suppress(Exception):
-                await old.stop()
+            async with self._load_lock:  # its teardown frees GPU memory: not during a load
+                with contextlib.suppress(Exception):
+                    await old.stop()
             while not await self.load():
                 self._set(ModelState.RESTARTING, self.error)
                 await asyncio.sleep(backoff)

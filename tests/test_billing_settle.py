@@ -175,8 +175,7 @@ def test_a_client_leaving_while_its_hold_is_written_leaves_no_hold(tmp_path: Pat
         store.gate.set()
         with pytest.raises(asyncio.CancelledError):
             await reserving
-        await asyncio.sleep(0.1)  # the store's write lands
-        await flush_settles()
+        await flush_settles()  # waits for the store's write, then for the release
         assert bill.reservation is None
         assert (await store.usage(bill.key.id, 1000.0)).used == 0
         charges = await store._run(
@@ -237,3 +236,18 @@ def test_shutdown_gives_up_a_settle_that_cannot_be_written_and_logs_it(
 
     asyncio.run(body())
     assert "may be lost (given up at shutdown)" in caplog.text and "30 tokens" in caplog.text
+
+
+def test_a_settle_failing_otherwise_is_logged_for_charging_by_hand(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        store = SQLiteStore(tmp_path / "i.db")
+        bill = await _bill(store, "hobby")
+        await bill.reserve(100)
+        await store.close()  # settles now fail with the store's own error, not "unavailable"
+        assert await bill.settle(30) == 30
+        await flush_settles()
+
+    asyncio.run(body())
+    assert "may be lost (RuntimeError" in caplog.text and "30 tokens" in caplog.text

@@ -158,3 +158,40 @@ def test_models_load_one_at_a_time_in_the_files_order() -> None:
 
     asyncio.run(scenario())
     assert starts == ["a", "b", "c"] and overlaps == []
+
+
+def test_a_hung_load_times_out_and_its_teardown_ends_before_the_next_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One load at a time: a hung one must not hold the others for good, and an engine's
+    teardown (GPU memory coming free) must not overlap another's load either."""
+    monkeypatch.setattr(registry, "LOAD_TIMEOUT_S", 0.05)
+    events: list[str] = []
+
+    class Engine(ScriptedEngine):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        async def start(self) -> None:
+            events.append(f"start {self.name}")
+            if self.name == "hung":
+                await asyncio.sleep(3600)
+
+        async def stop(self) -> None:
+            await asyncio.sleep(0.05)
+            events.append(f"stopped {self.name}")
+
+    specs = [ModelSpec(name=n, kind=ModelKind.EMBEDDING, path="/x") for n in ("hung", "b")]
+
+    async def scenario() -> None:
+        models = Registry(specs, lambda spec: Engine(spec.name))
+        models.start()
+        await _until(lambda: models.entries[1].state is ModelState.READY)
+        assert models.entries[0].state is ModelState.FAILED
+        assert "took more than" in (models.entries[0].error or "")
+        for task in models._tasks:
+            task.cancel()
+
+    asyncio.run(scenario())
+    assert events[:3] == ["start hung", "stopped hung", "start b"]

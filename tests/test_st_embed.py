@@ -271,3 +271,16 @@ def test_a_pass_cost_that_cannot_be_measured_leaves_the_default(
             engine.embed(TEXTS[:3], [4, 5])
 
     _with_engine(body)
+
+
+def test_a_request_of_more_characters_than_its_token_cap_allows_is_refused_untokenized() -> None:
+    from node.api.embeddings import MAX_REQUEST_TOKENS, refuse_too_many_chars
+    from node.errors import InvalidRequest
+
+    per_input = "x" * 1000
+    fits = [per_input] * (MAX_REQUEST_TOKENS * 2 // 1000)
+    assert refuse_too_many_chars(fits, 2) == MAX_REQUEST_TOKENS * 2
+    with pytest.raises(InvalidRequest) as info:
+        refuse_too_many_chars([*fits, "x"], 2)
+    assert info.value.code == "max_tokens_per_request"
+    assert f"Requested {MAX_REQUEST_TOKENS * 2 + 1} characters" in info.value.message

@@ -46,6 +46,18 @@ class EmbeddingRequest(BaseModel):
         return items
 
 
+def refuse_too_many_chars(texts: list[str], chars_per_token: int) -> int:
+    """The inputs' characters; 400 past what MAX_REQUEST_TOKENS allow at ``chars_per_token``
+    (the engine's bound per token), before any tokenizing."""
+    chars = sum(map(len, texts))
+    if chars > MAX_REQUEST_TOKENS * chars_per_token:
+        raise _too_many_tokens(
+            f"{chars} characters, more than {MAX_REQUEST_TOKENS} tokens of at most "
+            f"{chars_per_token} characters"
+        )
+    return chars
+
+
 def _too_many_tokens(what: str) -> InvalidRequest:
     return InvalidRequest(
         f"Requested {what}, max {MAX_REQUEST_TOKENS} tokens per request (summed over the "
@@ -69,9 +81,7 @@ async def embeddings(request: Request) -> Response:
             param="dimensions",
         )
     engine.refuse_overlong(texts)
-    chars = sum(map(len, texts))
-    if chars > MAX_REQUEST_TOKENS * engine.max_chars_per_token:
-        raise _too_many_tokens(f"{chars} characters, more than {MAX_REQUEST_TOKENS} tokens hold")
+    chars = refuse_too_many_chars(texts, engine.max_chars_per_token)
     bill = bill_of(request)
     with await admit(entry):
         if chars > _INLINE_TOKENIZE_CHARS:  # big inputs: off the event loop

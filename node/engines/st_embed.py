@@ -98,6 +98,11 @@ def _plain_counter(tokenizer: Any) -> Any:
     return counter
 
 
+MIN_CHARS_PER_TOKEN = 64
+"""Characters per token of the window an embeddings input may hold, at least (see
+``refuse_overlong``): real text averages about 4."""
+
+
 class SentenceTransformerEngine:
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -122,7 +127,8 @@ class SentenceTransformerEngine:
         self._encoder.start()
         await loaded
         self._counter = _plain_counter(self._model.tokenizer)
-        self.max_chars_per_token = max(map(len, self._counter.get_vocab()), default=1)
+        longest = max(map(len, self._counter.get_vocab()), default=1)
+        self.max_chars_per_token = max(longest, MIN_CHARS_PER_TOKEN)
 
     @property
     def dead(self) -> bool:
@@ -133,9 +139,11 @@ class SentenceTransformerEngine:
         return self._dimensions
 
     def refuse_overlong(self, texts: list[str]) -> None:
-        """400 for an input with more characters than the window's tokens could hold at the
-        vocabulary's longest token (as vLLM bounds prompts): tokenizing megabytes only to
-        refuse them would hold a slot and a core for minutes, for free."""
+        """400 for an input of more than ``max_chars_per_token`` characters per token of the
+        window: tokenizing megabytes only to refuse them would hold a slot and a core for
+        minutes, for free. The vocabulary's longest token bounds what a token can cover (as
+        vLLM bounds prompts), except for what a tokenizer drops (runs of spaces, zero-width
+        characters): hence the floor of ``MIN_CHARS_PER_TOKEN``, far past real text."""
         window = self.spec.context_window
         if not window:
             return
@@ -143,9 +151,9 @@ class SentenceTransformerEngine:
         for i, text in enumerate(texts):
             if len(text) > bound:
                 raise ContextLengthExceeded(
-                    f"Input {i} has {len(text)} characters, more than {window} tokens can "
-                    f"hold ({bound}); the model {self.spec.name} accepts at most {window} "
-                    "tokens per input.",
+                    f"Input {i} has {len(text)} characters; the model {self.spec.name} "
+                    f"accepts at most {window} tokens per input, and at most {bound} "
+                    "characters.",
                     param="input",
                 )
 

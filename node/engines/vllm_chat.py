@@ -250,9 +250,9 @@ class VllmChatEngine:
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             # Older validators raise plain exceptions for the same: a 400 too.
             raise InvalidRequest(f"Invalid request: {exc}", param=_field_named(str(exc))) from None
-        if (request.n or 1) > 1 and request.temperature == 0:
-            # OpenAI gives n greedy choices; vLLM refuses n > 1 with greedy sampling. Sampling
-            # from the single most likely token is greedy decoding by another name.
+        if (request.n or 1) > 1 and request.temperature is not None and request.temperature < 1e-5:
+            # OpenAI gives n greedy choices; vLLM refuses n > 1 with greedy sampling (below its
+            # 1e-5). Sampling from the single most likely token is greedy by another name.
             request.temperature, request.top_k = 1.0, 1
         wants_usage = UsageWish.of(request)
         if request.stream:

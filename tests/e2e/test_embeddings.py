@@ -73,11 +73,11 @@ def test_inputs_too_long_to_fit_are_refused_by_their_length_before_tokenizing(
         client.embeddings.create(model=MODEL, input=["hej", "word " * 400_000])
     assert info.value.code == "context_length_exceeded" and info.value.param == "input"
     assert "Input 1 has 2000000 characters" in info.value.message
-    with pytest.raises(openai.BadRequestError) as info:
-        client.embeddings.create(model=MODEL, input=["ord " * 1000] * 2048)
-    assert info.value.code == "max_tokens_per_request"
-    assert "Requested 8192000 characters" in info.value.message
     assert node.used_tokens(key) == 0
+    # Whitespace the tokenizer drops is no reason to refuse: a padded table that fits.
+    table = "\n".join(" ".join(f"{w:>60}" for w in ("kol", "rad", "cell")) for _ in range(40))
+    assert len(table) > 256 * 18  # the window at the vocabulary's longest token
+    assert len(client.embeddings.create(model=MODEL, input=table).data) == 1
 
 
 def test_chat_model_on_embeddings_route_is_400(client: openai.OpenAI) -> None:
