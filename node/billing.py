@@ -93,7 +93,7 @@ class Bill:
     settled: bool = field(default=False)
     shrinking: ShrinkingHolds = field(default_factory=ShrinkingHolds)
     """Shared by every bill of the node (the middleware's): see ``_quota_refusal``."""
-    _shrinking_hold: int = field(default=0, init=False, repr=False)
+    _may_shrink: bool = field(default=False, init=False, repr=False)
 
     def headers(self) -> dict[str, str]:
         return {
@@ -110,8 +110,7 @@ class Bill:
             self.reservation, self.usage = await asyncio.shield(reserving)
         except asyncio.CancelledError:
             reserving.add_done_callback(self._release_orphan)
-            _pending_settles.add(reserving)  # shutdown waits for it and for its release
-            reserving.add_done_callback(_pending_settles.discard)
+            _wait_at_shutdown(reserving)  # for it, and then for its release
             raise
         except QuotaExceeded as exc:
             self.usage = exc.usage
@@ -121,7 +120,7 @@ class Bill:
         except StoreUnavailable as exc:
             raise store_down(exc) from None
         if may_shrink:
-            self._shrinking_hold = tokens
+            self._may_shrink = True
             self.shrinking.add(self.key.id, tokens)
 
     def refuse_hopeless(self, tokens: int) -> None:
@@ -150,8 +149,8 @@ class Bill:
         if self.reservation is None or self.settled:
             return 0
         self.settled = True
-        self.shrinking.remove(self.key.id, self._shrinking_hold)
-        self._shrinking_hold = 0
+        if self._may_shrink:
+            self.shrinking.remove(self.key.id, self.reservation.tokens)
         tokens = max(0, actual_tokens)
         self.usage = Usage.of(self.usage.limit, self.usage.used - self.reservation.tokens + tokens)
         first_try = _write_settle(self.store, self.reservation, tokens, self.clock)
@@ -175,10 +174,16 @@ def _write_settle(
     cancelled and which ``flush_settles`` waits for; returns a future done after the first
     try, so a caller can wait for that and not for the retries."""
     first_try = asyncio.get_running_loop().create_future()
-    task = asyncio.ensure_future(_settle_with_retries(store, reservation, tokens, clock, first_try))
-    _pending_settles.add(task)
-    task.add_done_callback(_pending_settles.discard)
+    _wait_at_shutdown(
+        asyncio.ensure_future(_settle_with_retries(store, reservation, tokens, clock, first_try))
+    )
     return first_try
+
+
+def _wait_at_shutdown(future: asyncio.Future[Any]) -> None:
+    """Keep ``future`` in what ``flush_settles`` waits for, until it is done."""
+    _pending_settles.add(future)
+    future.add_done_callback(_pending_settles.discard)
 
 
 async def _settle_with_retries(
