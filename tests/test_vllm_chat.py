@@ -12,10 +12,13 @@ from types import SimpleNamespace
 import pytest
 
 from node.config import ModelKind, load_models
-from node.engines.base import UsageMeter
+from node.engines.base import ChatProgress, UsageMeter
 from node.engines.vllm_chat import (
     VllmChatEngine,
+    _count_aborted_tokens,
     _parse_args,
+    _Rendering,
+    _rendering,
     build_or_abandon,
     engine_cli_args,
     error_from_vllm,
@@ -324,3 +327,37 @@ def test_a_built_engine_is_returned_and_left_running() -> None:
     built = _Built()
     assert asyncio.run(build_or_abandon(lambda: built)) is built
     assert not built.shut_down.is_set()
+
+
+def _state(tokens: int) -> SimpleNamespace:
+    return SimpleNamespace(detokenizer=SimpleNamespace(num_output_tokens=lambda: tokens))
+
+
+def test_an_aborted_reply_counts_its_tokens_into_the_requests_progress() -> None:
+    """vLLM's abort drops what the frontend holds: the node counts it first, for the request
+    whose task aborts (a single reply, or each choice of an n > 1 parent, finished or not)."""
+    finished = SimpleNamespace(token_ids=[1, 2, 3], finished=lambda: True)
+    processor = SimpleNamespace(
+        request_states={"one": _state(7), "p-0": _state(4), "p-1": None},
+        parent_requests={
+            "p": SimpleNamespace(child_requests={"p-0"}, output_aggregator=[None, finished])
+        },
+        external_req_ids={"ext": ["one"]},
+    )
+    aborted: list[tuple[list[str], bool]] = []
+    processor.abort_requests = lambda ids, internal: aborted.append((list(ids), internal))
+    _count_aborted_tokens(processor)
+
+    processor.abort_requests(iter(["one"]), True)  # no request of ours: passed on, not counted
+    progress = ChatProgress()
+    token = _rendering.set(_Rendering(None, None, progress=progress))
+    try:
+        processor.abort_requests(iter(["one"]), True)
+        assert progress.generated == 7
+        processor.abort_requests(["p"], True)
+        assert progress.generated == 7 + 4 + 3
+        processor.abort_requests(["ext"], False)
+        assert progress.generated == 7 + 4 + 3 + 7
+    finally:
+        _rendering.reset(token)
+    assert aborted == [(["one"], True), (["one"], True), (["p"], True), (["ext"], False)]

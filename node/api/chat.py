@@ -28,7 +28,7 @@ from node.api.common import (
 )
 from node.billing import bill_of
 from node.config import ModelKind
-from node.engines.base import ChatResult, EngineDead
+from node.engines.base import ChatProgress, ChatResult, EngineDead
 from node.engines.vllm_chat import asked_max_tokens, refuse_max_tokens_past_window
 from node.errors import EngineError, InvalidRequest, NodeError, StreamStalled, sse_error_event
 from node.images import count_images, inline_images
@@ -85,6 +85,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     permit = await admit(entry)
     metrics = request.app.state.metrics
     prompt_tokens = 0
+    progress = ChatProgress()
 
     async def on_prompt(prompt: int, max_tokens: int) -> None:
         nonlocal prompt_tokens
@@ -96,11 +97,15 @@ async def _generate(request: Request, *, chat: bool) -> Response:
             policy = request.app.state.image_policy
             body = {**body, "messages": await inline_images(body["messages"], policy)}
         run = engine.chat if chat else engine.complete
-        result = await cancel_if_client_leaves(request, run(body, on_prompt=on_prompt))
+        work = run(body, on_prompt=on_prompt, progress=progress)
+        result = await cancel_if_client_leaves(request, work)
     except ClientGone:
-        # The reply was not generated to the end (vLLM aborted it): the prompt was processed.
+        # vLLM aborted the reply: the prompt was processed, and the tokens made so far were
+        # generated all the same (as a cut stream pays for what it produced).
         permit.release()
-        metrics.charged(entry.spec.name, prompt=await bill.settle(prompt_tokens))
+        made = progress.generated
+        if await bill.settle(prompt_tokens + made):
+            metrics.charged(entry.spec.name, prompt=prompt_tokens, completion=made)
         return Response(status_code=499)  # nobody reads it; the access log shows why
     except BaseException as exc:
         permit.release()

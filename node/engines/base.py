@@ -77,6 +77,14 @@ class ChatResult:
 
 
 @dataclass
+class ChatProgress:
+    """Shared by a chat request and its engine: the tokens generated for replies the engine
+    aborted before they were whole (a non-streamed request whose client left)."""
+
+    generated: int = 0
+
+
+@dataclass
 class Word:
     word: str
     start: float
@@ -138,11 +146,17 @@ class Engine(Protocol):
 
 class ChatEngine(Engine, Protocol):
     async def chat(
-        self, body: dict[str, Any], on_prompt: PromptHook | None = None
+        self,
+        body: dict[str, Any],
+        on_prompt: PromptHook | None = None,
+        progress: ChatProgress | None = None,
     ) -> ChatResult: ...
 
     async def complete(
-        self, body: dict[str, Any], on_prompt: PromptHook | None = None
+        self,
+        body: dict[str, Any],
+        on_prompt: PromptHook | None = None,
+        progress: ChatProgress | None = None,
     ) -> ChatResult: ...
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.config import ModelSpec
-from node.engines.base import ChatResult, EngineDead, PromptHook
+from node.engines.base import ChatProgress, ChatResult, EngineDead, PromptHook
 from node.engines.vllm_sse import UsageWish, tidy_choices, track_usage
 from node.errors import (
     ContextLengthExceeded,
@@ -46,6 +46,8 @@ class _Rendering:
     """The parameter that carried ``asked``, as errors name it."""
     prompt: int = 0
     """Set by the render step: the tokens of every prompt the engine will take in."""
+    progress: ChatProgress | None = None
+    """Where the tokens of replies vLLM aborts (the client left) are counted."""
 
 
 _rendering: ContextVar[_Rendering | None] = ContextVar("rendering", default=None)
@@ -135,6 +137,7 @@ class VllmChatEngine:
             )
 
         self._llm = await build_or_abandon(build)
+        _count_aborted_tokens(self._llm.output_processor)
         await self._llm.reset_mm_cache()
         state = State()
         await init_app_state(self._llm, state, args, await self._llm.get_supported_tasks())
@@ -212,25 +215,36 @@ class VllmChatEngine:
         except AttributeError:
             return []
 
-    async def chat(self, body: dict[str, Any], on_prompt: PromptHook | None = None) -> ChatResult:
+    async def chat(
+        self,
+        body: dict[str, Any],
+        on_prompt: PromptHook | None = None,
+        progress: ChatProgress | None = None,
+    ) -> ChatResult:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-        return await self._run(
-            ChatCompletionRequest, body, on_prompt, self._chat.create_chat_completion
-        )
+        create = self._chat.create_chat_completion
+        return await self._run(ChatCompletionRequest, body, on_prompt, progress, create)
 
     async def complete(
-        self, body: dict[str, Any], on_prompt: PromptHook | None = None
+        self,
+        body: dict[str, Any],
+        on_prompt: PromptHook | None = None,
+        progress: ChatProgress | None = None,
     ) -> ChatResult:
         """Legacy text completions (POST /v1/completions) on the same engine."""
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-        return await self._run(
-            CompletionRequest, body, on_prompt, self._completion.create_completion
-        )
+        create = self._completion.create_completion
+        return await self._run(CompletionRequest, body, on_prompt, progress, create)
 
     async def _run(
-        self, model: Any, body: dict[str, Any], on_prompt: PromptHook | None, create: Any
+        self,
+        model: Any,
+        body: dict[str, Any],
+        on_prompt: PromptHook | None,
+        progress: ChatProgress | None,
+        create: Any,
     ) -> ChatResult:
         from pydantic import ValidationError
         from vllm.entrypoints.openai.chat_completion.protocol import StreamOptions
@@ -261,7 +275,9 @@ class VllmChatEngine:
             request.stream_options = StreamOptions(include_usage=True, continuous_usage_stats=True)
         # max_tokens past the window was refused by the route (refuse_max_tokens_past_window)
         requested = asked_max_tokens(body)
-        rendering = _Rendering(requested, on_prompt, field=max_tokens_field(body))
+        rendering = _Rendering(
+            requested, on_prompt, field=max_tokens_field(body), progress=progress
+        )
         token = _rendering.set(rendering)
         try:
             result = await create(request, None)
@@ -373,6 +389,45 @@ def _rank_top_logprobs(serving: Any) -> None:
         return top(logprobs, top_logprobs, *args, **kwargs)
 
     serving._get_top_logprobs = ranked
+
+
+def _count_aborted_tokens(processor: Any) -> None:
+    """Count into the request's ``ChatProgress`` the tokens of a reply vLLM aborts.
+
+    A non-streamed reply whose client leaves is cancelled inside vLLM's ``generate``, which
+    aborts it in its output processor; the tokens made so far are known only there, and
+    dropped by the abort. So the abort reads them first, within the cancelled request's own
+    task (hence its ``_rendering``). A stream counts its tokens from its chunks instead.
+    """
+    abort = processor.abort_requests
+
+    def counting(request_ids: Any, internal: bool) -> Any:
+        rendering = _rendering.get()
+        if rendering is None or rendering.progress is None:
+            return abort(request_ids, internal)
+        ids = list(request_ids)
+        rendering.progress.generated += _tokens_made(processor, ids, internal)
+        return abort(ids, internal)
+
+    processor.abort_requests = counting
+
+
+def _tokens_made(processor: Any, request_ids: list[str], internal: bool) -> int:
+    """Output tokens the frontend holds for these requests: of each request, or of each
+    choice of an n > 1 parent (its finished choices wait in the parent's aggregator)."""
+    states, made = processor.request_states, 0
+    for external in request_ids:
+        ids = [external] if internal else processor.external_req_ids.get(external, [])
+        for request_id in ids:
+            parent = processor.parent_requests.get(request_id)
+            children = parent.child_requests if parent is not None else ()
+            for state in [states.get(request_id), *(states.get(c) for c in children)]:
+                if state is not None and state.detokenizer is not None:
+                    made += state.detokenizer.num_output_tokens()
+            if parent is not None:
+                done = (o for o in parent.output_aggregator if o is not None and o.finished())
+                made += sum(len(o.token_ids) for o in done)
+    return made
 
 
 def _by_rank(item: tuple[int, Any]) -> float:

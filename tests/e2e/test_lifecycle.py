@@ -200,21 +200,35 @@ def test_a_client_that_stops_reading_loses_its_slot_after_the_stall_timeout(
         conn.close()
 
 
-def test_a_non_streaming_client_that_leaves_aborts_its_reply(node: NodeProcess) -> None:
-    """The reply is aborted in vLLM at once (slot and engine free) and only the prompt is
-    charged, not the reply that was never delivered."""
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_non_streaming_client_that_leaves_aborts_its_reply(node: NodeProcess, n: int) -> None:
+    """The reply is aborted in vLLM at once (slot and engine free); the key pays the prompt and
+    the tokens made before the abort (of every choice), as a cut stream pays what it produced,
+    not the whole hold."""
     model = "qwen3.5:9b"
-    key = node.create_key("--plan", "agent-pro", "--name", "leaver")
-    body = {"model": model, "messages": ESSAY, "max_tokens": 4000, "ignore_eos": True}
+    key = node.create_key("--plan", "agent-pro", "--name", f"leaver-{n}")
+    body = {"model": model, "messages": ESSAY, "max_tokens": 4000, "ignore_eos": True, "n": n}
+    charged_before = _completion_charged(node, model)
     with pytest.raises(httpx.ReadTimeout):
-        _chat(node, body, timeout=httpx.Timeout(60, read=2), key=key)
+        _chat(node, body, timeout=httpx.Timeout(60, read=3), key=key)
     freed = _wait(lambda: node.model(model)["engine_requests"] == 0, 10, step=0.02)
     _wait(lambda: node.model(model)["slots_in_use"] == 0, 10)
-    r = httpx.get(node.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
-    used = int(r.headers["X-RateLimit-Used-Tokens"])
+    _wait(lambda: _completion_charged(node, model) > charged_before, 10)
+    charged = _completion_charged(node, model) - charged_before
+    used = node.used_tokens(key)
     prompt = _prompt_tokens(node, model)
-    assert used == prompt, (used, prompt)
-    print(f"non-streaming client gone -> engine request aborted in {freed * 1000:.0f} ms")
+    made = used - prompt
+    assert n <= made < 4000 * n, (used, prompt)  # every choice made a token in 3 s
+    assert charged == made
+    print(
+        f"non-streaming client gone -> engine request aborted in {freed * 1000:.0f} ms, "
+        f"{made} tokens made were charged"
+    )
+
+
+def _completion_charged(node: NodeProcess, model: str) -> float:
+    sample = ("staik_tokens_charged_total", (("model", model), ("type", "completion")))
+    return node.metrics().get(sample, 0)
 
 
 def _prompt_tokens(node: NodeProcess, model: str) -> int:
