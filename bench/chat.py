@@ -46,8 +46,12 @@ def vllm_serve_argv(spec: Any) -> list[str]:
     return serve + ["--host", "127.0.0.1", "--port", "{port}"]
 
 
+def _prompts(cfg: BenchConfig, conc: int) -> int:
+    return max(cfg.chat_min_prompts, conc * cfg.chat_prompts_per_client)
+
+
 def bench_argv(cfg: BenchConfig, spec: Any, url: str, conc: int, seed: int, out: Path) -> list[str]:
-    prompts = max(cfg.chat_min_prompts, conc * cfg.chat_prompts_per_client)
+    prompts = _prompts(cfg, conc)
     return [
         procs.PYTHON, "-m", "bench.vllm_cli", "bench", "serve",
         "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
@@ -195,6 +199,7 @@ def run_chat(cfg: BenchConfig, env: dict[str, str], workdir: Path, logs: Path) -
             "output_len": cfg.chat_output_len,
             "ignore_eos": True,
             "concurrency": list(cfg.chat_concurrency),
+            "prompts": {c: _prompts(cfg, c) for c in cfg.chat_concurrency},
             "warmups": cfg.chat_warmups,
             "order": "both servers started afresh each repetition and up together, taking "
             "turns at each concurrency; who goes first alternates",

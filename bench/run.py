@@ -49,6 +49,12 @@ def parse_args(argv: list[str]) -> BenchConfig:
     p.add_argument("--out", type=Path, help="results folder (default bench/results)")
     p.add_argument("--chat-concurrency", type=_ints, help="e.g. 1,8,32")
     p.add_argument("--chat-output-len", type=int)
+    p.add_argument(
+        "--chat-prompts-per-client",
+        type=int,
+        help="prompts per concurrent client (default 8; fewer for a slow CPU)",
+    )
+    p.add_argument("--chat-min-prompts", type=int, help="prompts at least per run (default 32)")
     p.add_argument("--embed-concurrency", type=_ints, help="e.g. 1,16,64")
     p.add_argument("--long-clip-s", type=float, help="length of the long clip (default 600)")
     p.add_argument("--overload-retry-ms", type=int, help="fixed pause after a 429")
@@ -65,6 +71,8 @@ def parse_args(argv: list[str]) -> BenchConfig:
         "out_dir": a.out,
         "chat_concurrency": a.chat_concurrency,
         "chat_output_len": a.chat_output_len,
+        "chat_prompts_per_client": a.chat_prompts_per_client,
+        "chat_min_prompts": a.chat_min_prompts,
         "embed_concurrency": a.embed_concurrency,
         "long_clip_s": a.long_clip_s,
         "overload_retry_ms": a.overload_retry_ms,
