@@ -1,6 +1,7 @@
 """The node as a Starlette app. A request flows top to bottom:
 
     CORSMiddleware: browsers' preflights answered, the headers they may read exposed
+    -> AudioHeadersMiddleware: X-Audio-* on every answer of the transcription route
     -> MetricsMiddleware: times every request by route and status (GET /metrics)
     -> DrainMiddleware: 503 shutting_down once SIGTERM came; counts requests in flight
     -> AccountMiddleware: key (401), X-RateLimit-* headers on whatever goes out
@@ -52,7 +53,7 @@ ROUTES = [
     Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
     Route("/v1/completions", chat.completions, methods=["POST"]),
     Route("/v1/embeddings", embeddings.embeddings, methods=["POST"]),
-    Route("/v1/audio/transcriptions", audio.transcriptions, methods=["POST"]),
+    Route(audio.PATH, audio.transcriptions, methods=["POST"]),
     Route("/v1/models", models.list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", models.get_model, methods=["GET"]),
     Route("/health", health.health, methods=["GET"]),
@@ -140,6 +141,7 @@ def create_app(
         lifespan=lifespan,
         middleware=[
             *_cors(settings.cors_origins),
+            Middleware(audio.AudioHeadersMiddleware),
             Middleware(MetricsMiddleware, metrics=meters),
             Middleware(DrainMiddleware, drain=drain),
             Middleware(AccountMiddleware, store=store),

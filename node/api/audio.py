@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.api import transcript_formats as fmt
 from node.api.common import (
@@ -32,6 +33,32 @@ from node.metering import audio_headers, audio_tokens
 from node.registry import Registry
 
 STREAMED_FORMATS = ("json", "text")  # a stream carries text events, not timed segments
+PATH = "/v1/audio/transcriptions"
+
+
+class AudioHeadersMiddleware:
+    """The doc's audio headers on every answer of the transcription route, also those sent
+    before the route runs (a missing key's 401, a wrong method's 405, a draining node's 503):
+    no audio was decoded, none charged. The route sets them itself once it has the audio."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PATH:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_audio_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-audio-tokens-charged" for name, _ in headers):
+                    none = audio_headers(0.0, charged=0)
+                    headers += [(k.lower().encode(), v.encode()) for k, v in none.items()]
+                    message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_audio_headers)
 
 
 class TranscriptionForm(BaseModel):
