@@ -32,7 +32,7 @@ class BenchConfig:
     embed_single_samples: int = 64
     # transcription: espeak-ng clips (the short one is one sentence, about 5 s)
     long_clip_s: float = 600.0
-    short_clip_samples: int = 5  # requests per repetition on the short clip; its median counts
+    short_clip_samples: int = 9  # requests per repetition on the short clip; its median counts
     whisper_batch_size: int = 8
     # overload: S slots, 10 x S concurrent clients against S
     overload_factor: int = 10

@@ -29,7 +29,10 @@ NOTES = {
     "so short clips have a low real-time factor on both sides. The in-process reference stays "
     "loaded beside the node and the two take turns, request by request (who goes first "
     "alternates), because the machine's speed drifts by minutes. Each repetition's short-clip "
-    "figure is the median of several requests (short_clip_samples), one request being noisy.",
+    "figure is the median of several requests (short_clip_samples), one request being noisy; "
+    "the paired ratio is the median of each request's node/in-process ratio against its "
+    "neighbour, which leaves the drift between requests out. The node's requests go over one "
+    "kept-open HTTP client, as an SDK's do.",
     "overload": "Closed-loop aiohttp clients; after a 429 a client waits as the node's retry-after-ms "
     "says (as openai-python does) unless --overload-retry-ms is given. Latencies are measured "
     "at the client, which shares the cores with the node, and by the node itself: the "
