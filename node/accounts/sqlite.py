@@ -219,7 +219,7 @@ class SQLiteStore:
                     return None
                 return _record(row), Usage.of(row["limit_tokens"], self._used(conn, row, now))
 
-        return await self._db.read(go)  # every request's first step: no hop to the pool
+        return await self._db.inline(go)  # every request's first step: no hop to the pool
 
     async def usage(self, key_id: str, now: float) -> Usage:
         def go(conn: sqlite3.Connection) -> Usage:
@@ -250,7 +250,7 @@ class SQLiteStore:
                 )
                 return Usage.of(limit, used + tokens)
 
-        return res, await self._run(go)
+        return res, await self._db.inline(go)  # on a request's path: no hop unless busy
 
     async def settle(self, reservation_id: str, actual_tokens: int, now: float) -> Usage:
         check_tokens(actual_tokens, "actual_tokens")

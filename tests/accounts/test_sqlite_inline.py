@@ -1,4 +1,5 @@
-"""SQLiteStore's key lookup reads on the caller's thread, and still answers when it can't."""
+"""SQLiteStore's key lookup and reservations run on the caller's thread, and still answer when
+they can't."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from .support import run_with_store
 NOW = 1_750_000_000.0
 
 
-def test_key_lookup_needs_no_pool_thread(tmp_path: Path) -> None:
-    """With the pool's only thread held, authenticate_usage still answers: no hop to it."""
+def test_key_lookup_and_reservation_need_no_pool_thread(tmp_path: Path) -> None:
+    """With the pool's only thread held, authenticate_usage and reserve still answer: no hop
+    to it."""
     store = SQLiteStore(tmp_path / "accounts.db", threads=1)
 
     async def body(s: SQLiteStore) -> None:
@@ -32,12 +34,41 @@ def test_key_lookup_needs_no_pool_thread(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
         try:
             found = await asyncio.wait_for(s.authenticate_usage(secret, NOW), 2)
+            _, usage = await asyncio.wait_for(s.reserve(rec.id, 50, NOW), 2)
         finally:
             release.set()
             await held
         assert found is not None
         assert found[0].id == rec.id and found[1] == Usage(1000, 100, 900)
+        assert usage == Usage(1000, 150, 850)
         assert await s.authenticate_usage("sk-st-" + "0" * 48, NOW) is None
+        checkpoints = await s._db.inline(lambda conn: conn.execute("PRAGMA wal_autocheckpoint"))
+        assert checkpoints.fetchone()[0] == 0  # the pool's connections checkpoint, not this one
+
+    run_with_store(store, body)
+
+
+def test_a_reservation_meeting_a_held_write_lock_waits_on_the_pool(tmp_path: Path) -> None:
+    """Another writer (here a second connection, as another process's) holds the write lock:
+    the inline reservation is answered busy at once, so it goes to the pool, waits there and
+    lands once the lock is released, counted once, and the inline connection stays usable."""
+    path = tmp_path / "accounts.db"
+    store = SQLiteStore(path, threads=1)
+
+    async def body(s: SQLiteStore) -> None:
+        _, rec = await s.create_key(custom_plan(1000, Window.HOUR))
+        await s.reserve(rec.id, 100, NOW)  # the inline connection exists
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        reserving = asyncio.ensure_future(s.reserve(rec.id, 200, NOW))
+        await asyncio.sleep(0.2)
+        assert not reserving.done()  # waiting on the pool, not refused
+        other.execute("ROLLBACK")
+        other.close()
+        _, usage = await asyncio.wait_for(reserving, 5)
+        assert usage == Usage(1000, 300, 700)
+        _, usage = await s.reserve(rec.id, 1, NOW)
+        assert usage == Usage(1000, 301, 699)
 
     run_with_store(store, body)
 
@@ -60,10 +91,10 @@ def test_a_busy_inline_read_goes_to_the_pool(tmp_path: Path) -> None:
 
     async def body() -> None:
         await db.run(lambda conn: None)  # schema made, as by any store call
-        assert await db.read(lookup) == "from the pool"
+        assert await db.inline(lookup) == "from the pool"
         with pytest.raises(StoreUnavailable):
-            await db.read(broken)
-        assert await db.read(lambda conn: conn.execute("SELECT 7").fetchone()[0]) == 7
+            await db.inline(broken)
+        assert await db.inline(lambda conn: conn.execute("SELECT 7").fetchone()[0]) == 7
 
     try:
         asyncio.run(body())
