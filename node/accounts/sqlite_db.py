@@ -170,8 +170,7 @@ class Database:
         conn = getattr(self._inline, "conn", None)
         try:
             if conn is None:
-                conn = self._inline.conn = self._connect(busy_timeout_s=0)
-                conn.execute("PRAGMA wal_autocheckpoint=0")
+                conn = self._connect_inline()
             return fn(conn, *args)
         except sqlite3.OperationalError as e:
             code = getattr(e, "sqlite_errorcode", 0) & 0xFF  # the primary of an extended code
@@ -184,6 +183,16 @@ class Database:
             self._drop_inline(conn)
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
         return await self.run(fn, *args)
+
+    def _connect_inline(self) -> sqlite3.Connection:
+        conn = self._connect(busy_timeout_s=0)
+        try:
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        except BaseException:
+            self._drop_inline(conn)  # kept only once it cannot checkpoint on the caller's thread
+            raise
+        self._inline.conn = conn
+        return conn
 
     def _drop_inline(self, conn: sqlite3.Connection | None) -> None:
         self._inline.conn = None
