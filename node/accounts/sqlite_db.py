@@ -63,7 +63,12 @@ def transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[s
     except BaseException:
         conn.rollback()
         raise
-    conn.commit()
+    try:
+        conn.commit()
+    except BaseException:
+        if conn.in_transaction:  # a COMMIT answered busy leaves it open, and the lock held
+            conn.rollback()
+        raise
 
 
 _BUCKETS_DONE = "charge_buckets_filled"
@@ -201,6 +206,8 @@ class Database:
                 if conn in self._conns:
                     self._conns.remove(conn)
             with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:  # close() alone may not end it (a statement left open)
+                    conn.rollback()
                 conn.close()
 
     def close(self) -> None:

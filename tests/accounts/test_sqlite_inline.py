@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,12 @@ def test_a_reservation_meeting_a_held_write_lock_waits_on_the_pool(tmp_path: Pat
         await s.reserve(rec.id, 100, NOW)  # the inline connection exists
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")
+        inline = s._db._inline.conn
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         reserving = asyncio.ensure_future(s.reserve(rec.id, 200, NOW))
         await asyncio.sleep(0.2)
+        assert loop.time() - started < 1  # the loop was not held waiting for the lock
         assert not reserving.done()  # waiting on the pool, not refused
         other.execute("ROLLBACK")
         other.close()
@@ -69,8 +74,42 @@ def test_a_reservation_meeting_a_held_write_lock_waits_on_the_pool(tmp_path: Pat
         assert usage == Usage(1000, 300, 700)
         _, usage = await s.reserve(rec.id, 1, NOW)
         assert usage == Usage(1000, 301, 699)
+        assert s._db._inline.conn is inline  # a busy answer at BEGIN leaves it usable
 
     run_with_store(store, body)
+
+
+def test_busy_inside_an_inline_transaction_drops_the_connection(tmp_path: Path) -> None:
+    """A busy answer after the transaction began (SQLite may give one on a statement): the
+    transaction is rolled back, the connection replaced (no half-open transaction survives,
+    nor the write lock it holds), and the write lands once, from the pool, without waiting."""
+    db = Database(tmp_path / "accounts.db", busy_timeout_s=5, threads=1)
+    loop_thread = threading.get_ident()
+
+    def insert(conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO meta (name, value) VALUES ('probe', '1')")
+        if threading.get_ident() == loop_thread:
+            busy = sqlite3.OperationalError("database is locked")
+            busy.sqlite_errorcode = sqlite3.SQLITE_BUSY
+            raise busy
+        conn.commit()
+
+    async def body() -> None:
+        await db.run(lambda conn: None)  # schema made, as by any store call
+        await db.inline(lambda conn: None)
+        first = db._inline.conn
+        started = time.monotonic()
+        await db.inline(insert)
+        assert time.monotonic() - started < 1  # the pool's write did not wait for a lock
+        assert db._inline.conn is None and first is not None
+        count = "SELECT COUNT(*) FROM meta WHERE name = 'probe'"
+        assert await db.inline(lambda conn: conn.execute(count).fetchone()[0]) == 1
+
+    try:
+        asyncio.run(body())
+    finally:
+        db.close()
 
 
 def test_a_busy_inline_read_goes_to_the_pool(tmp_path: Path) -> None:
