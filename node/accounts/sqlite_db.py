@@ -179,11 +179,11 @@ class Database:
             return fn(conn, *args)
         except sqlite3.OperationalError as e:
             code = getattr(e, "sqlite_errorcode", 0) & 0xFF  # the primary of an extended code
-            busy = code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-            if not busy or (conn is not None and conn.in_transaction):
+            if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 self._drop_inline(conn)
-            if not busy:
                 raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
+            if conn is not None and conn.in_transaction:  # busy after its BEGIN: not reusable
+                self._drop_inline(conn)
         except (sqlite3.DatabaseError, OSError) as e:
             self._drop_inline(conn)
             raise StoreUnavailable(f"sqlite {self.path}: {e}") from e
