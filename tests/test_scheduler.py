@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from node.scheduler import SlotPool
+from node.scheduler import LEAVING_GRACE_S, SlotPool
 
 
 class Clock:
@@ -134,29 +134,37 @@ def test_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> None:
     asyncio.run(scenario())
 
 
-def test_a_refusal_first_lets_releases_already_under_way_finish() -> None:
-    """A slot freed in the next event-loop turn (a client's disconnect being handled) is
-    taken; one still busy after it is refused, without waiting any real time."""
+def test_a_refusal_waits_only_for_a_holder_whose_client_has_gone() -> None:
+    """A holder still serving its client is not waited for, even a release one event-loop turn
+    away; one whose client has gone is, up to the grace, and a refusal then leaves no waiter."""
 
     async def main() -> None:
         pool = SlotPool(1)
-        held = pool.try_acquire()
-        assert held is not None
         loop = asyncio.get_running_loop()
-        loop.call_soon(held.release)  # handled in the next turn
+        for leaving in (None, lambda: False):
+            held = pool.try_acquire(leaving)
+            assert held is not None
+            loop.call_soon(held.release)  # frees in the next turn: not waited for
+            assert await pool.acquire() is None
+            await asyncio.sleep(0)
+            assert pool.in_use == 0
+
+        gone = False
+        held = pool.try_acquire(lambda: gone)
+        assert held is not None
+        gone = True
+        loop.call_later(0.01, held.release)  # a few turns after its client left
+        t0 = loop.time()
         taken = await pool.acquire()
         assert taken is not None and pool.in_use == 1
+        assert loop.time() - t0 < LEAVING_GRACE_S
 
-        loop.call_soon(lambda: loop.call_soon(taken.release))  # two turns away: too late
-        assert await pool.acquire() is None
-        await asyncio.sleep(0)
-        assert pool.in_use == 0
-        taken = pool.try_acquire()
-        assert taken is not None
-
-        loop.call_later(0.05, taken.release)  # real time away: refused at once
+        stuck = taken  # its client is gone (lambda below) but it never lets go
+        stuck.leaving = lambda: True
         t0 = loop.time()
         assert await pool.acquire() is None
-        assert loop.time() - t0 < 0.01
+        assert loop.time() - t0 >= LEAVING_GRACE_S * 0.9
+        stuck.release()
+        assert pool.in_use == 0 and pool.try_acquire() is not None
 
     asyncio.run(main())

@@ -114,7 +114,7 @@ async def _transcribe(request: Request, heard: _Heard) -> Response:
                 "The multipart field 'file' (the audio) is required.", param="file"
             )
         engine = entry.require_ready()
-        permit = await admit(entry)
+        permit = await admit(entry, request)
     except BaseException:
         await form.close()
         raise

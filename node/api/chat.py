@@ -82,7 +82,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     images = _count_images(body, entry) if chat else 0
     refuse_max_tokens_past_window(body, entry.spec.context_window)
     bill.refuse_hopeless(_least_tokens(body))
-    permit = await admit(entry)
+    permit = await admit(entry, request)
     metrics = request.app.state.metrics
     prompt_tokens = 0
     progress = ChatProgress()

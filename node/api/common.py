@@ -23,7 +23,7 @@ from node.errors import (
     invalid_from_validation,
 )
 from node.registry import ModelEntry
-from node.scheduler import Permit
+from node.scheduler import Leaving, Permit
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,9 @@ def parse(model: type[M], data: dict[str, Any]) -> M:
         raise invalid_from_validation(exc) from None
 
 
-async def admit(entry: ModelEntry) -> Permit:
+async def admit(entry: ModelEntry, request: Request) -> Permit:
     """A slot of the model or 429 model_busy, before any expensive work."""
-    permit = await entry.slots.acquire()
+    permit = await entry.slots.acquire(connection_closing(request))
     if permit is None:
         raise RateLimited(
             f"All {entry.slots.total} slots of {entry.spec.name} are busy; retry shortly.",
@@ -156,6 +156,18 @@ async def admit(entry: ModelEntry) -> Permit:
             should_retry=True,
         )
     return permit
+
+
+def connection_closing(request: Request) -> Leaving | None:
+    """Whether the client's connection is closing, as the server's transport tells at once.
+
+    ASGI reports a disconnect only through ``receive``, some event-loop turns after the server
+    read the connection's end; uvicorn's ``receive`` is a method of its request cycle, which
+    holds the transport. None under a server that does not show one.
+    """
+    transport = getattr(getattr(request.receive, "__self__", None), "transport", None)
+    is_closing = getattr(transport, "is_closing", None)
+    return is_closing if callable(is_closing) else None
 
 
 class ClosingStreamingResponse(StreamingResponse):

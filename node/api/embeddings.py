@@ -83,7 +83,7 @@ async def embeddings(request: Request) -> Response:
     engine.refuse_overlong(texts)
     chars = refuse_too_many_chars(texts, engine.max_chars_per_token)
     bill = bill_of(request)
-    with await admit(entry):
+    with await admit(entry, request):
         if chars > _INLINE_TOKENIZE_CHARS:  # big inputs: off the event loop
             counts = await asyncio.to_thread(engine.count_tokens, texts)
         else:
