@@ -24,8 +24,10 @@ from collections.abc import Callable
 _RECENT = 32  # hold times remembered for the retry estimate
 _DEFAULT_HOLD_S = 1.0  # before anything finished
 LEAVING_GRACE_S = 0.05
-"""How long a request that finds every slot held waits when one holder's client has gone: its
-slot frees a few event-loop turns later, once the server has noticed and the request unwound."""
+"""How long requests that find every slot held wait for a holder whose client has gone, from
+when a refusal first saw it gone. A cut stream frees its slot some event-loop turns after the
+disconnect; a request that unwinds slowly (an image being fetched, a clip being decoded) costs
+the requests behind it this wait once, not for as long as it takes."""
 
 Leaving = Callable[[], bool]
 """Whether a holder's client has gone (its connection closing), for a holder still running."""
@@ -34,13 +36,14 @@ Leaving = Callable[[], bool]
 class Permit:
     """One held slot. ``release`` is idempotent; use it in ``finally`` or as a context manager."""
 
-    __slots__ = ("_pool", "_acquired_at", "_released", "leaving")
+    __slots__ = ("_pool", "_acquired_at", "_released", "leaving", "gone_since")
 
     def __init__(self, pool: SlotPool, acquired_at: float, leaving: Leaving | None) -> None:
         self._pool = pool
         self._acquired_at = acquired_at
         self._released = False
         self.leaving = leaving
+        self.gone_since: float | None = None
 
     def release(self) -> None:
         if not self._released:
@@ -87,20 +90,18 @@ class SlotPool:
         """Try at once; then wait up to the queue timeout, first come first served.
 
         ``leaving`` tells, while the permit is held, whether its client has gone. A request
-        that finds every slot held waits up to ``LEAVING_GRACE_S`` (if longer than the queue
-        timeout) when a holder's client has gone: a client that cut its stream and asks again
-        at once must not find its old stream still holding the slot because the server has not
-        yet unwound it (86 of 200 such requests were refused without a wait). Any other
-        refusal is at once: an event-loop turn taken on every refusal, as before, doubled the
-        429's p99 under overload (9.3 to 3.9 ms in the node), the turn being whatever else the
-        loop had to run.
+        that finds every slot held waits (if longer than the queue timeout) for a holder whose
+        client has gone, within its ``LEAVING_GRACE_S``: a client that cut its stream and asks
+        again at once must not find its old stream still holding the slot because the server
+        has not yet unwound it (80 of 200 such requests were refused without a wait). Any
+        other refusal is at once: an event-loop turn taken on every refusal, as before, doubled
+        the 429's p99 under overload (9.3 to 4.7 ms in the node), the turn being whatever else
+        the loop had to run.
         """
         permit = self.try_acquire(leaving)
         if permit is not None:
             return permit
-        wait_s = self.queue_timeout_s
-        if any(p.leaving is not None and p.leaving() for p in self._held):
-            wait_s = max(wait_s, LEAVING_GRACE_S)
+        wait_s = max(self.queue_timeout_s, self._grace_left())
         if wait_s <= 0:
             return None
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -122,6 +123,17 @@ class SlotPool:
         # The releasing side kept the count: the slot passed straight to this waiter.
         return self._hand_out(leaving) if got else None
 
+    def _grace_left(self) -> float:
+        """Seconds left of the grace of the holders whose clients have gone (0 if none)."""
+        now = self._clock()
+        left = 0.0
+        for permit in self._held:
+            if permit.leaving is not None and permit.leaving():
+                if permit.gone_since is None:
+                    permit.gone_since = now
+                left = max(left, permit.gone_since + LEAVING_GRACE_S - now)
+        return left
+
     def _hand_out(self, leaving: Leaving | None) -> Permit:
         permit = Permit(self, self._clock(), leaving)
         self._held.add(permit)
@@ -141,7 +153,9 @@ class SlotPool:
         self._in_use -= 1
 
     def retry_after_s(self) -> float:
-        """Expected seconds until a slot frees, from the recent mean hold time, spread."""
+        """Expected seconds until a slot frees, from the recent mean hold time, spread. The
+        queue counts only where the model has one: a wait within a leaving holder's grace is
+        over in a moment."""
         mean_hold = sum(self._holds) / len(self._holds) if self._holds else _DEFAULT_HOLD_S
-        queued = len(self._waiters) + 1
+        queued = (len(self._waiters) if self.queue_timeout_s > 0 else 0) + 1
         return max(0.05, mean_hold * queued / self.total * self._spread())

@@ -136,16 +136,25 @@ def test_waiter_cancelled_after_being_handed_a_slot_passes_it_on() -> None:
 
 def test_a_refusal_waits_only_for_a_holder_whose_client_has_gone() -> None:
     """A holder still serving its client is not waited for, even a release one event-loop turn
-    away; one whose client has gone is, up to the grace, and a refusal then leaves no waiter."""
+    away; one whose client has gone is, within its grace, once: a holder that never lets go
+    delays the first refusal by the grace and the next ones not at all."""
 
     async def main() -> None:
-        pool = SlotPool(1)
+        clock = Clock()
+        pool = SlotPool(1, clock=clock)
         loop = asyncio.get_running_loop()
+
+        async def refused_without_a_turn() -> bool:
+            turned = asyncio.Event()
+            loop.call_soon(turned.set)
+            refused = await pool.acquire() is None
+            return refused and not turned.is_set()
+
         for leaving in (None, lambda: False):
             held = pool.try_acquire(leaving)
             assert held is not None
             loop.call_soon(held.release)  # frees in the next turn: not waited for
-            assert await pool.acquire() is None
+            assert await refused_without_a_turn()
             await asyncio.sleep(0)
             assert pool.in_use == 0
 
@@ -153,18 +162,53 @@ def test_a_refusal_waits_only_for_a_holder_whose_client_has_gone() -> None:
         held = pool.try_acquire(lambda: gone)
         assert held is not None
         gone = True
-        loop.call_later(0.01, held.release)  # a few turns after its client left
-        t0 = loop.time()
+        loop.call_soon(lambda: loop.call_soon(held.release))  # unwinds two turns later
         taken = await pool.acquire()
         assert taken is not None and pool.in_use == 1
-        assert loop.time() - t0 < LEAVING_GRACE_S
 
-        stuck = taken  # its client is gone (lambda below) but it never lets go
-        stuck.leaving = lambda: True
+        taken.leaving = lambda: True  # its client is gone, and it never lets go
         t0 = loop.time()
         assert await pool.acquire() is None
         assert loop.time() - t0 >= LEAVING_GRACE_S * 0.9
-        stuck.release()
-        assert pool.in_use == 0 and pool.try_acquire() is not None
+        clock.t += LEAVING_GRACE_S
+        assert await refused_without_a_turn()  # its grace is spent
+        taken.release()
+        assert pool.in_use == 0 and not pool._held
+
+    asyncio.run(main())
+
+
+def test_a_released_permit_is_not_waited_for_when_its_connection_closes() -> None:
+    """Keep-alive connections close long after their requests released the slot."""
+
+    async def main() -> None:
+        pool = SlotPool(1)
+        closed = False
+        done = pool.try_acquire(lambda: closed)
+        assert done is not None
+        done.release()
+        closed = True
+        held = pool.try_acquire()
+        assert held is not None and pool._held == {held}
+        loop = asyncio.get_running_loop()
+        turned = asyncio.Event()
+        loop.call_soon(turned.set)
+        assert await pool.acquire() is None and not turned.is_set()
+
+    asyncio.run(main())
+
+
+def test_a_wait_within_a_grace_does_not_lengthen_the_retry_estimate() -> None:
+    async def main() -> None:
+        pool = SlotPool(1, spread=lambda: 1.0)
+        held = pool.try_acquire(lambda: True)
+        assert held is not None
+        told_before = pool.retry_after_s()
+        waiting = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0)
+        assert pool._waiters and pool.retry_after_s() == told_before
+        held.release()
+        got = await waiting
+        assert got is not None
 
     asyncio.run(main())
