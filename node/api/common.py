@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -163,11 +164,23 @@ def connection_closing(request: Request) -> Leaving | None:
 
     ASGI reports a disconnect only through ``receive``, some event-loop turns after the server
     read the connection's end; uvicorn's ``receive`` is a method of its request cycle, which
-    holds the transport. None under a server that does not show one.
+    holds the transport. None under a server that does not show one (uvicorn at log level
+    trace wraps ``receive``), said once in the log.
     """
     transport = getattr(getattr(request.receive, "__self__", None), "transport", None)
     is_closing = getattr(transport, "is_closing", None)
-    return is_closing if callable(is_closing) else None
+    if callable(is_closing):
+        return is_closing
+    _say_closing_unseen()
+    return None
+
+
+@functools.cache
+def _say_closing_unseen() -> None:
+    log.warning(
+        "Admission cannot see clients' connections close under this server: a client that "
+        "cuts a stream and asks again at once may find its old slot held (429 model_busy)."
+    )
 
 
 class ClosingStreamingResponse(StreamingResponse):
