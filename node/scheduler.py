@@ -93,7 +93,7 @@ class SlotPool:
         that finds every slot held waits (if longer than the queue timeout) for a holder whose
         client has gone, within its ``LEAVING_GRACE_S``: a client that cut its stream and asks
         again at once must not find its old stream still holding the slot because the server
-        has not yet unwound it (80 of 200 such requests were refused without a wait). Any
+        has not yet unwound it (80 to 86 of 200 such requests were refused without a wait). Any
         other refusal is at once: an event-loop turn taken on every refusal, as before, doubled
         the 429's p99 under overload (9.3 to 4.7 ms in the node), the turn being whatever else
         the loop had to run.
@@ -124,7 +124,8 @@ class SlotPool:
         return self._hand_out(leaving) if got else None
 
     def _grace_left(self) -> float:
-        """Seconds left of the grace of the holders whose clients have gone (0 if none)."""
+        """Seconds left of the grace of the holders whose clients have gone (0 if none); a
+        holder's grace starts when this first sees it gone."""
         now = self._clock()
         left = 0.0
         for permit in self._held:
